@@ -1,0 +1,87 @@
+"""Shared test fixtures: repository paths and the official challenge tokenizer."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# The official sp1024 tokenizer: OFFICIAL_TOKENIZER_PATH, else ../shared/tokenizers beside the
+# clone (as in CI), else the challenge's own download location inside the repository.
+_OFFICIAL_TOKENIZER_CANDIDATES = [
+    os.environ.get("OFFICIAL_TOKENIZER_PATH", ""),
+    str(REPO_ROOT.parent / "shared" / "tokenizers" / "fineweb_1024_bpe.model"),
+    str(REPO_ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"),
+]
+
+
+@pytest.fixture(scope="session")
+def official_tokenizer_path() -> Path:
+    for candidate in _OFFICIAL_TOKENIZER_CANDIDATES:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    pytest.skip(
+        "official fineweb_1024_bpe.model not found: set OFFICIAL_TOKENIZER_PATH or run "
+        "data/cached_challenge_fineweb.py --variant sp1024"
+    )
+
+
+# ---------------------------------------------------------------------------
+# A small corpus with a trained tokenizer, shared by the trainer's tests
+# ---------------------------------------------------------------------------
+
+TRAINER_PATH = REPO_ROOT / "train_gpt_jepa.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """~250k tokens of Python documentation, sp1024 BPE trained on them (a few seconds)."""
+    sys.path.insert(0, str(REPO_ROOT / "data"))
+    import build_local_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    documents = build_local_corpus.python_documentation()[:3000]
+    build_local_corpus.build_corpus(documents=documents, name="test_sp1024", output_root=root,
+                                    vocab_size=1024, val_docs=300, log=lambda message: None)
+    return {"data_path": root / "datasets" / "test_sp1024",
+            "tokenizer_path": root / "tokenizers" / "test_sp1024_bpe.model"}
+
+
+def trainer_env(dataset: dict[str, Path], **overrides: object) -> dict[str, str]:
+    """A hermetic environment for a trainer subprocess: the tiny preset shrunk to seconds, no
+    stray hyperparameters from the caller's shell, one thread per process."""
+    import train_gpt_jepa
+
+    ours = {field.upper() for field in train_gpt_jepa.Hyperparameters.__dataclass_fields__}
+    env = {key: value for key, value in os.environ.items() if key not in ours and key != "PRESET"}
+    env.update({
+        "PRESET": "tiny", "DATA_PATH": str(dataset["data_path"]), "TOKENIZER_PATH": str(dataset["tokenizer_path"]),
+        "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "WARMDOWN_ITERS": "0", "TRAIN_BATCH_TOKENS": "2048",
+        "GRAD_ACCUM_STEPS": "1", "VAL_LOSS_EVERY": "0", "VAL_MAX_TOKENS": "4096", "EVAL_STRIDE": "0",
+        "TRAIN_LOG_EVERY": "1", "JEPA_WARMUP_STEPS": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+    })
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+def tiny_hyperparameters(dataset: dict[str, Path], **overrides: object):
+    """The same configuration as trainer_env, resolved in-process."""
+    import train_gpt_jepa
+
+    env = {key: value for key, value in trainer_env(dataset, **overrides).items()
+           if key.upper() in {f.upper() for f in train_gpt_jepa.Hyperparameters.__dataclass_fields__} or key == "PRESET"}
+    return train_gpt_jepa.load_hyperparameters(env)
+
+
+def cpu_runtime(compile: bool = False, autocast_dtype=None):
+    import torch
+    import train_gpt_jepa
+
+    return train_gpt_jepa.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                                  autocast_dtype=autocast_dtype, compile=compile)
