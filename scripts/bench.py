@@ -1,0 +1,143 @@
+"""Step-time and memory benchmark of the trainer's paths, measured in one process.
+
+    python3 scripts/bench.py                          # tiny preset on this machine
+    python3 scripts/bench.py --preset 11L --steps 30  # the record size (on a GPU)
+    python3 scripts/bench.py --paths vanilla,next_ema --env "TRAIN_BATCH_TOKENS=16384"
+
+Every path is the real Trainer.step() of train_gpt_jepa.py (same compile, batch and data as a
+run), differing only in the environment settings listed in PATHS. Paths are timed in
+alternating rounds, so drift of a shared machine hits them all alike, and each path's step time
+is the median over its rounds. Ratios are against the vanilla path (JEPA_WEIGHT=0) of the same
+run: compare ratios, not absolute times, between machines. Without DATA_PATH shards a
+synthetic shard of random tokens is used (step time does not depend on token values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+import train_gpt_jepa as trainer_module  # noqa: E402
+
+# JEPA weight held constant (no ramp, no anneal) so every timed step pays for the JEPA terms.
+JEPA_ON = {"JEPA_WEIGHT": "0.1", "JEPA_WARMUP_STEPS": "0", "JEPA_ANNEAL": "0"}
+PATHS: dict[str, dict[str, str]] = {
+    "vanilla": {"JEPA_WEIGHT": "0"},
+    "next_ema": {**JEPA_ON, "JEPA_MODE": "next", "TARGET_EMA_DECAY": "0.9995"},
+    "next_ema_frac25": {**JEPA_ON, "JEPA_MODE": "next", "TARGET_EMA_DECAY": "0.9995", "JEPA_TARGET_FRACTION": "0.25"},
+    "next_sg": {**JEPA_ON, "JEPA_MODE": "next", "TARGET_EMA_DECAY": "0"},
+    "chunk_sg": {**JEPA_ON, "JEPA_MODE": "chunk", "TARGET_EMA_DECAY": "0"},
+    "span_ema": {**JEPA_ON, "JEPA_MODE": "span", "TARGET_EMA_DECAY": "0.9995"},
+}
+
+
+def synthetic_shard_folder(vocab_size: int, num_tokens: int) -> str:
+    """A folder with one train shard of random tokens in the challenge format."""
+    folder = tempfile.mkdtemp(prefix="bench_shards_")
+    header = np.zeros(trainer_module.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (trainer_module.SHARD_MAGIC, trainer_module.SHARD_VERSION, num_tokens)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, num_tokens, dtype=np.uint16)
+    with open(os.path.join(folder, "fineweb_train_000000.bin"), "wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(tokens.astype("<u2").tobytes())
+    return folder
+
+
+def build_trainer(environ: dict[str, str], data_path: str) -> trainer_module.Trainer:
+    hp = trainer_module.load_hyperparameters(environ)
+    grad_accum_steps = trainer_module.validate_hyperparameters(hp, world_size=1)
+    runtime = trainer_module.setup_runtime(hp)
+    files = trainer_module.find_shards(data_path, "train")
+    return trainer_module.Trainer(hp, runtime, grad_accum_steps, files, trainer_module.RunLogger(None))
+
+
+def time_steps(trainer: trainer_module.Trainer, first_step: int, steps: int) -> float:
+    trainer.runtime.synchronize()
+    started = time.perf_counter()
+    for offset in range(steps):
+        trainer.step(first_step + offset, elapsed_ms=0.0)
+    trainer.runtime.synchronize()
+    return 1000.0 * (time.perf_counter() - started) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="PRESET of the trainer (tiny, 11L, 20L)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per path and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the paths")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per path first (compilation)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma list of: {', '.join(PATHS)}")
+    parser.add_argument("--env", default="", help='extra settings for every path, e.g. "COMPILE=0 SEED=2"')
+    parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    names = [name.strip() for name in args.paths.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PATHS]
+    if unknown or "vanilla" not in names:
+        parser.error(f"--paths must include vanilla and only known paths; unknown: {unknown}")
+    extra = dict(item.split("=", 1) for item in args.env.split())
+    base = {"PRESET": args.preset, "MAX_WALLCLOCK_SECONDS": "0", "WARMDOWN_ITERS": "0", "FINAL_EMA": "0",
+            "ITERATIONS": "1000000", **extra}
+    probe = trainer_module.load_hyperparameters(base)
+    data_path = probe.data_path
+    if not list(Path(data_path).glob("fineweb_train_*.bin")):
+        data_path = synthetic_shard_folder(probe.vocab_size, num_tokens=max(4 * probe.train_batch_tokens, 1 << 20))
+        print(f"bench: no shards under {probe.data_path}: using synthetic random tokens in {data_path}")
+
+    trainers = {}
+    for name in names:
+        environ = {**base, **PATHS[name], **extra, "DATA_PATH": data_path}
+        trainer = build_trainer(environ, data_path)
+        for step in range(args.warmup):
+            trainer.step(step, elapsed_ms=0.0)
+        trainers[name] = trainer
+    runtime = next(iter(trainers.values())).runtime
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    peak_mib: dict[str, float | None] = {name: None for name in names}
+    for round_index in range(args.rounds):
+        for name, trainer in trainers.items():
+            if runtime.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            timings[name].append(time_steps(trainer, args.warmup + round_index * args.steps, args.steps))
+            if runtime.device.type == "cuda":
+                peak_mib[name] = max(peak_mib[name] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+    del trainers
+    gc.collect()
+
+    hp = probe
+    print(f"device: {trainer_module.device_name(runtime)}  torch {torch.__version__}  compile: {runtime.compile}  "
+          f"autocast: {runtime.autocast_dtype}")
+    print(f"preset: {args.preset}  layers {hp.num_layers} dim {hp.model_dim}  batch {hp.train_batch_tokens} tokens "
+          f"x seq {hp.train_seq_len}  steps {args.steps} x rounds {args.rounds}  extra: {args.env or '-'}")
+    vanilla = statistics.median(timings["vanilla"])
+    rows = []
+    print(f"{'path':<18}{'step_avg_ms':>12}{'ratio':>8}{'peak_MiB':>10}   rounds (ms)")
+    for name in names:
+        median = statistics.median(timings[name])
+        memory = f"{peak_mib[name]:.0f}" if peak_mib[name] is not None else "n/a"
+        spread = " ".join(f"{value:.1f}" for value in timings[name])
+        print(f"{name:<18}{median:>12.2f}{median / vanilla:>8.3f}{memory:>10}   {spread}")
+        rows.append({"path": name, "settings": PATHS[name], "step_avg_ms": median, "ratio": median / vanilla,
+                     "peak_memory_mib": peak_mib[name], "rounds_ms": timings[name]})
+    if args.json_path:
+        record = {"device": trainer_module.device_name(runtime), "torch": torch.__version__, "preset": args.preset,
+                  "compile": runtime.compile, "extra_env": args.env, "steps": args.steps, "rounds": args.rounds,
+                  "paths": rows}
+        Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

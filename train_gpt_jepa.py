@@ -1,0 +1,1920 @@
+"""
+train_gpt_jepa.py: the whole JEPA workbench for OpenAI's Parameter Golf, in one file.
+
+Everything a run needs lives here, read top to bottom: hyperparameters from environment
+variables, the Muon and AdamW optimizers, the challenge's shard loader and bits-per-byte metric,
+the GPT backbone (GQA, partial RoPE, U-Net skips, BigramHash, SmearGate, XSA), the JEPA parts
+(projections, predictors, EMA target encoder, VICReg / SIGReg), evaluation, the int6+LZMA
+exporter and the training loop. The file's own bytes count toward the 16,000,000-byte artifact.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt_jepa.py    # 8 GPUs
+    python3 train_gpt_jepa.py                                     # one GPU, or the CPU
+    PRESET=tiny JEPA_WEIGHT=0 python3 train_gpt_jepa.py           # CPU smoke run, vanilla
+
+JEPA_WEIGHT=0 is the exact vanilla baseline: no JEPA module is built, no target forward runs,
+and the step function, compilation and batch are the same as in a JEPA run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import difflib
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+# =============================================================================
+# HYPERPARAMETERS
+# =============================================================================
+# Every field is read from the environment variable of the same name in upper case
+# (jepa_weight <- JEPA_WEIGHT). PRESET picks a set of defaults; a variable set explicitly wins.
+# The class defaults are the 11-layer record configuration.
+
+
+class ConfigError(Exception):
+    """A bad setting or input; main() prints it as one line and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # ---- run and data ----
+    preset: str = "11L"  # tiny (CPU demo and tests) | 11L (record default) | 20L (deep and narrow)
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model
+    run_id: str = ""  # names logs/<RUN_ID>.txt and .json; empty = date, time and a random suffix
+    seed: int = 1337  # seeds the weights, span masks and SIGReg directions
+    log_dir: str = "logs"  # where <RUN_ID>.txt (full log) and <RUN_ID>.json (summary) go
+
+    # ---- training length and batch ----
+    iterations: int = 20000  # optimizer steps; an upper bound when the wall-clock cap stops first
+    max_wallclock_seconds: float = 600.0  # training-time cap (eval and export not counted); 0 = none
+    warmdown_iters: int = 3500  # LR falls linearly to 0 over the last this-many steps (or their time)
+    lr_warmup_steps: int = 0  # linear LR warmup from 0 over the first steps
+    warmup_steps: int = 20  # compile-priming steps, undone before step 0 (weights and optimizer reset)
+    train_batch_tokens: int = 786_432  # tokens per optimizer step over all ranks and micro-steps
+    train_seq_len: int = 2048  # tokens per training sequence (and per evaluation window)
+    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in parameter-golf
+
+    # ---- evaluation and logging ----
+    val_loss_every: int = 1000  # validate every this-many steps; 0 = only at the end
+    val_batch_size: int = 524_288  # tokens per validation batch over all ranks
+    val_max_tokens: int = 0  # cap on validation tokens (smoke runs); 0 = the whole split
+    eval_stride: int = 64  # stride of the final sliding-window evaluation; 0 = off
+    train_log_every: int = 200  # a train line every this-many steps (and the first 5)
+    eval_only: bool = False  # evaluate ARTIFACT_PATH in a fresh process, train nothing
+
+    # ---- device ----
+    compile: int = -1  # torch.compile: 1 on, 0 off, -1 = on with CUDA, off on the CPU
+    compute_dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+
+    # ---- model shape ----
+    vocab_size: int = 1024  # must equal the tokenizer's piece count
+    num_layers: int = 11  # transformer blocks
+    model_dim: int = 512  # residual stream width
+    num_heads: int = 8  # query heads; head dim = MODEL_DIM / NUM_HEADS
+    num_kv_heads: int = 4  # GQA: each key/value head serves NUM_HEADS // NUM_KV_HEADS query heads
+    mlp_mult: float = 3.0  # MLP hidden width = MLP_MULT * MODEL_DIM
+    rope_dims: int = 16  # partial RoPE: only the first ROPE_DIMS dims of each head are rotated
+    rope_base: float = 10000.0  # RoPE frequency base
+    qk_gain_init: float = 1.5  # initial per-head gain on the normalised queries
+    logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap)
+    tied_embed_init_std: float = 0.005  # init std of the tied input/output embedding
+    bigram_vocab_size: int = 2048  # BigramHash buckets; 0 = off
+    bigram_dim: int = 128  # BigramHash table width before its projection to MODEL_DIM
+    smear_gate: bool = True  # mix each position's embedding with the previous one's
+    xsa_last_n: int = 4  # exclusive self-attention in the last N blocks
+    ln_scale: bool = True  # scale block inputs after RMSNorm by 1/sqrt(layer + 1)
+
+    # ---- optimizer ----
+    tied_embed_lr: float = 0.035  # AdamW, embeddings
+    matrix_lr: float = 0.025  # Muon, every matrix (backbone and JEPA)
+    scalar_lr: float = 0.025  # AdamW, vectors and scalars (gains, mixes, skip weights, gates)
+    muon_momentum: float = 0.99  # Muon momentum after its warmup
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0, rising linearly
+    muon_momentum_warmup_steps: int = 1500  # steps of that rise
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_wd: float = 0.04  # decoupled weight decay of Muon matrices
+    adam_wd: float = 0.04  # decoupled weight decay of embeddings (never of gains and scales)
+    beta1: float = 0.9  # AdamW betas and epsilon
+    beta2: float = 0.95  # (see BETA1)
+    adam_eps: float = 1e-8  # (see BETA1)
+    grad_clip_norm: float = 0.3  # 0 = no clipping
+    final_ema: int = -1  # export an EMA of the weights: 1 on, 0 off, -1 = on when ITERATIONS >= 1000
+    final_ema_decay: float = 0.997  # decay of that EMA, updated after every step
+
+    # ---- JEPA ----
+    jepa_weight: float = 0.1  # weight of the JEPA loss; 0 = vanilla (no JEPA part built or run)
+    jepa_mode: str = "next"  # next (#896) | span (#1581, I-JEPA) | chunk (#832)
+    d_latent: int = 256  # width of the latent space of projections and predictors
+    jepa_pred_mult: float = 2.0  # predictor hidden width = JEPA_PRED_MULT * D_LATENT
+    jepa_offsets: str = "1"  # next mode: horizons k, comma separated; "1,2,4,8" = multi-horizon
+    jepa_offset_decay: float = 0.5  # horizon i (0-based) weighted by decay**i, weights normalised
+    jepa_loss: str = "mse"  # mse | cosine (#1277)
+    target_ema_decay: float = 0.9995  # EMA target encoder; 0 = the online encoder under stop-gradient
+    jepa_warmup_steps: int = 100  # JEPA weight ramps from 0 over these steps
+    jepa_anneal: bool = True  # JEPA weight falls to 0 with the LR warmdown
+    jepa_layer: int = -1  # block whose output feeds the projections; negative counts from the end
+    jepa_grad_layers: int = 0  # JEPA gradients reach only the last K blocks up to JEPA_LAYER; 0 = all
+    jepa_only_fraction: float = 0.0  # curriculum: this first fraction of training has CE weight 0
+    jepa_target_fraction: float = 1.0  # fraction of each micro-batch's sequences given JEPA targets
+    jepa_chunk: int = 8  # chunk mode: target = mean latent of the next JEPA_CHUNK positions
+    jepa_num_spans: int = 4  # span mode: masked spans per sequence
+    jepa_span_mean: float = 16.0  # span mode: mean of the geometric span length
+    jepa_span_min: int = 2  # span mode: shortest span
+    anti_collapse: str = "vicreg"  # vicreg | sigreg | none
+    vicreg_on: str = "auto"  # side the regulariser acts on: target | pred; auto = pred for span
+    vicreg_var_weight: float = 1.0  # VICReg variance hinge: each latent dim's std kept >= 1
+    vicreg_cov_weight: float = 0.04  # VICReg off-diagonal covariance penalty
+    sigreg_weight: float = 0.1  # SIGReg (LeJEPA) weight when ANTI_COLLAPSE=sigreg
+    sigreg_slices: int = 256  # random 1-D projections tested against N(0, 1) per step
+    collapse_std_floor: float = 0.05  # a latent std below this on a log step is reported as collapse
+
+    # ---- artifact ----
+    artifact_path: str = "final_model.int6.ptz"  # written atomically by training, read by EVAL_ONLY
+    artifact_budget_bytes: int = 16_000_000  # artifact file + this file's bytes must fit
+    lzma_preset: int = 9  # LZMA compression level of the artifact (always with the extreme flag)
+
+    # ---- reliability ----
+    checkpoint_every: int = 0  # save a resumable checkpoint every this-many steps; 0 = only on signals
+    checkpoint_dir: str = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/<RUN_ID>/
+    resume: str = ""  # auto (latest checkpoint of this RUN_ID) | a checkpoint path | empty
+    nan_policy: str = "stop"  # stop (checkpoint and exit) | skip (drop the step and log it)
+
+    # ---- derived values ----
+    @property
+    def jepa_enabled(self) -> bool:
+        return self.jepa_weight > 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def jepa_offset_list(self) -> list[int]:
+        return [int(part) for part in self.jepa_offsets.split(",") if part.strip()]
+
+    @property
+    def jepa_layer_index(self) -> int:
+        return self.jepa_layer % self.num_layers
+
+    @property
+    def regularised_side(self) -> str:
+        if self.vicreg_on != "auto":
+            return self.vicreg_on
+        return "pred" if self.jepa_mode == "span" else "target"
+
+    def final_ema_enabled(self) -> bool:
+        return self.final_ema == 1 or (self.final_ema == -1 and self.iterations >= 1000)
+
+
+# Fields that fix the shape of the exported model: an artifact is rebuilt from these.
+MODEL_SHAPE_FIELDS = (
+    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+    "rope_base", "qk_gain_init", "logit_softcap", "tied_embed_init_std", "bigram_vocab_size",
+    "bigram_dim", "smear_gate", "xsa_last_n", "ln_scale",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A model that trains in minutes on two CPU cores: for `make demo`, tests and smoke runs.
+    "tiny": {
+        "DATA_PATH": "./data/datasets/local_sp1024",
+        "TOKENIZER_PATH": "./data/tokenizers/local_sp1024_bpe.model",
+        "ITERATIONS": 2000, "MAX_WALLCLOCK_SECONDS": 120, "WARMDOWN_ITERS": 60, "WARMUP_STEPS": 0,
+        "FINAL_EMA": 0, "TRAIN_BATCH_TOKENS": 8192, "TRAIN_SEQ_LEN": 256, "VAL_LOSS_EVERY": 50,
+        "VAL_BATCH_SIZE": 32768, "VAL_MAX_TOKENS": 65536, "TRAIN_LOG_EVERY": 25, "EVAL_STRIDE": 64,
+        "NUM_LAYERS": 4, "MODEL_DIM": 128, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "ROPE_DIMS": 16,
+        "BIGRAM_VOCAB_SIZE": 512, "BIGRAM_DIM": 32, "XSA_LAST_N": 2, "D_LATENT": 64,
+        "MUON_MOMENTUM_WARMUP_STEPS": 100, "JEPA_WARMUP_STEPS": 20, "TIED_EMBED_LR": 0.05,
+        "MATRIX_LR": 0.04, "SCALAR_LR": 0.04, "TARGET_EMA_DECAY": 0.99,
+    },
+    # The record configuration: the class defaults above.
+    "11L": {},
+    # Twice the depth at three quarters of the width: about the 11L parameter count, so it also fits.
+    "20L": {"NUM_LAYERS": 20, "MODEL_DIM": 384, "NUM_HEADS": 6, "NUM_KV_HEADS": 3, "XSA_LAST_N": 6},
+}
+
+# Environment variables of the launcher and libraries; never mistaken for typos of ours.
+FOREIGN_ENV_PREFIXES = (
+    "TORCH", "PYTORCH", "NCCL", "CUDA", "OMP_", "MKL_", "KMP_", "HF_", "PYTHON", "LC_", "XDG_", "GLOO_",
+)
+FOREIGN_ENV_NAMES = {
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+}
+# Prefixes only this trainer uses: an unknown variable with one of them is certainly a typo.
+OWN_ENV_PREFIXES = ("JEPA_", "VICREG_", "SIGREG_", "BIGRAM_", "MUON_", "XSA_", "ROPE_", "QK_", "TIED_EMBED")
+
+
+def _parse_env_value(name: str, raw: str, kind: str) -> Any:
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(float(raw)) if raw.strip().lower().endswith(("e3", "e6")) else int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        expected = {"bool": "0 or 1", "int": "an integer", "float": "a number"}[kind]
+        raise ConfigError(f"{name}={raw!r} is not {expected}") from None
+
+
+def check_unknown_env(environ: Mapping[str, str]) -> None:
+    """A set variable that looks like ours but is unknown (JEPA_WIEGHT) stops the run: a typo
+    must never silently run the default experiment instead of the intended one."""
+    known = {field.name.upper() for field in dataclasses.fields(Hyperparameters)}
+    for name in sorted(environ):
+        if name in known or name in FOREIGN_ENV_NAMES or name.startswith(FOREIGN_ENV_PREFIXES):
+            continue
+        if not name.replace("_", "").isalnum() or name.upper() != name:
+            continue
+        closest = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        ours_by_prefix = name.startswith(OWN_ENV_PREFIXES)
+        close_enough = bool(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8))
+        if ours_by_prefix or close_enough:
+            hint = f"; did you mean {closest[0]}?" if closest else ""
+            raise ConfigError(f"unknown setting {name}={environ[name]!r}{hint} (unset it or fix the name)")
+
+
+def load_hyperparameters(environ: Mapping[str, str] | None = None) -> Hyperparameters:
+    """Resolve the configuration: class defaults, then PRESET, then explicit variables."""
+    environ = os.environ if environ is None else environ
+    check_unknown_env(environ)
+    preset_name = environ.get("PRESET", Hyperparameters.preset)
+    if preset_name not in PRESETS:
+        raise ConfigError(f"PRESET={preset_name!r} is unknown: use one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Hyperparameters):
+        env_name = field.name.upper()
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if env_name in environ:
+            values[field.name] = _parse_env_value(env_name, environ[env_name], kind)
+        elif env_name in preset:
+            values[field.name] = preset[env_name]
+    return Hyperparameters(**values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
+    """Reject impossible settings with one line naming the variable; return GRAD_ACCUM_STEPS."""
+    for name in ("iterations", "train_seq_len", "vocab_size", "num_layers", "model_dim", "num_heads",
+                 "num_kv_heads", "val_batch_size", "d_latent"):
+        _require(getattr(hp, name) > 0, f"{name.upper()}={getattr(hp, name)} must be positive")
+    _require(hp.vocab_size <= 65536, f"VOCAB_SIZE={hp.vocab_size} does not fit the uint16 shards (max 65536)")
+    _require(hp.model_dim % hp.num_heads == 0,
+             f"MODEL_DIM={hp.model_dim} is not divisible by NUM_HEADS={hp.num_heads}")
+    _require(hp.num_heads % hp.num_kv_heads == 0,
+             f"NUM_HEADS={hp.num_heads} is not divisible by NUM_KV_HEADS={hp.num_kv_heads} (GQA groups)")
+    _require(hp.rope_dims % 2 == 0 and 0 <= hp.rope_dims <= hp.head_dim,
+             f"ROPE_DIMS={hp.rope_dims} must be even and between 0 and the head dim {hp.head_dim}")
+    _require(hp.mlp_mult > 0, f"MLP_MULT={hp.mlp_mult} must be positive")
+    _require(hp.logit_softcap > 0, f"LOGIT_SOFTCAP={hp.logit_softcap} must be positive")
+    _require(hp.bigram_vocab_size == 0 or hp.bigram_vocab_size >= 2,
+             f"BIGRAM_VOCAB_SIZE={hp.bigram_vocab_size} must be 0 (off) or at least 2")
+    _require(hp.bigram_vocab_size == 0 or hp.bigram_dim > 0, f"BIGRAM_DIM={hp.bigram_dim} must be positive")
+    _require(0 <= hp.xsa_last_n <= hp.num_layers,
+             f"XSA_LAST_N={hp.xsa_last_n} must be between 0 and NUM_LAYERS={hp.num_layers}")
+    _require(hp.compile in (-1, 0, 1), f"COMPILE={hp.compile} must be -1 (auto), 0 or 1")
+    _require(hp.compute_dtype in ("auto", "bfloat16", "float32"),
+             f"COMPUTE_DTYPE={hp.compute_dtype!r} must be auto, bfloat16 or float32")
+    _require(hp.final_ema in (-1, 0, 1), f"FINAL_EMA={hp.final_ema} must be -1 (auto), 0 or 1")
+    _require(0 <= hp.final_ema_decay < 1, f"FINAL_EMA_DECAY={hp.final_ema_decay} must be in [0, 1)")
+    _require(hp.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds} must be >= 0")
+    _require(hp.warmdown_iters >= 0 and hp.lr_warmup_steps >= 0 and hp.warmup_steps >= 0,
+             "WARMDOWN_ITERS, LR_WARMUP_STEPS and WARMUP_STEPS must be >= 0")
+    _require(hp.eval_stride >= 0 and hp.eval_stride <= hp.train_seq_len,
+             f"EVAL_STRIDE={hp.eval_stride} must be between 0 (off) and TRAIN_SEQ_LEN={hp.train_seq_len}")
+    _require(1 <= hp.lzma_preset <= 9, f"LZMA_PRESET={hp.lzma_preset} must be between 1 and 9")
+    _require(hp.nan_policy in ("stop", "skip"), f"NAN_POLICY={hp.nan_policy!r} must be stop or skip")
+    _require(hp.artifact_budget_bytes > 0, f"ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} must be positive")
+
+    grad_accum_steps = hp.grad_accum_steps
+    if grad_accum_steps == 0:
+        _require(8 % world_size == 0,
+                 f"WORLD_SIZE={world_size} does not divide 8: set GRAD_ACCUM_STEPS explicitly")
+        grad_accum_steps = 8 // world_size
+    _require(grad_accum_steps > 0, f"GRAD_ACCUM_STEPS={hp.grad_accum_steps} must be positive")
+    per_micro_batch = world_size * grad_accum_steps * hp.train_seq_len
+    _require(hp.train_batch_tokens % per_micro_batch == 0,
+             f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} is not divisible by WORLD_SIZE*GRAD_ACCUM_STEPS*"
+             f"TRAIN_SEQ_LEN={world_size}*{grad_accum_steps}*{hp.train_seq_len}={per_micro_batch}")
+    _require(hp.val_batch_size >= world_size * hp.train_seq_len,
+             f"VAL_BATCH_SIZE={hp.val_batch_size} must hold one sequence per rank "
+             f"(>= {world_size * hp.train_seq_len})")
+
+    modes = ("next", "span", "chunk")
+    _require(hp.jepa_mode in modes, f"JEPA_MODE={hp.jepa_mode!r} is unknown: use one of {', '.join(modes)}")
+    _require(hp.jepa_loss in ("mse", "cosine"), f"JEPA_LOSS={hp.jepa_loss!r} must be mse or cosine")
+    _require(hp.anti_collapse in ("vicreg", "sigreg", "none"),
+             f"ANTI_COLLAPSE={hp.anti_collapse!r} must be vicreg, sigreg or none")
+    _require(hp.vicreg_on in ("auto", "target", "pred"),
+             f"VICREG_ON={hp.vicreg_on!r} must be auto, target or pred")
+    _require(hp.jepa_weight >= 0, f"JEPA_WEIGHT={hp.jepa_weight} must be >= 0")
+    _require(0 <= hp.target_ema_decay < 1, f"TARGET_EMA_DECAY={hp.target_ema_decay} must be in [0, 1)")
+    try:
+        offsets = hp.jepa_offset_list
+    except ValueError:
+        raise ConfigError(f"JEPA_OFFSETS={hp.jepa_offsets!r} must be comma-separated integers") from None
+    _require(len(offsets) > 0 and all(0 < k < hp.train_seq_len for k in offsets) and len(set(offsets)) == len(offsets),
+             f"JEPA_OFFSETS={hp.jepa_offsets!r} must be distinct integers in [1, TRAIN_SEQ_LEN)")
+    _require(hp.jepa_offset_decay > 0, f"JEPA_OFFSET_DECAY={hp.jepa_offset_decay} must be positive")
+    _require(-hp.num_layers <= hp.jepa_layer < hp.num_layers,
+             f"JEPA_LAYER={hp.jepa_layer} must index a block: between {-hp.num_layers} and {hp.num_layers - 1}")
+    _require(0 <= hp.jepa_grad_layers <= hp.jepa_layer_index + 1,
+             f"JEPA_GRAD_LAYERS={hp.jepa_grad_layers} must be between 0 (all) and {hp.jepa_layer_index + 1} "
+             f"(the blocks up to JEPA_LAYER)")
+    _require(0 <= hp.jepa_only_fraction < 1, f"JEPA_ONLY_FRACTION={hp.jepa_only_fraction} must be in [0, 1)")
+    _require(0 < hp.jepa_target_fraction <= 1, f"JEPA_TARGET_FRACTION={hp.jepa_target_fraction} must be in (0, 1]")
+    _require(1 <= hp.jepa_chunk < hp.train_seq_len,
+             f"JEPA_CHUNK={hp.jepa_chunk} must be in [1, TRAIN_SEQ_LEN)")
+    _require(hp.jepa_num_spans >= 1, f"JEPA_NUM_SPANS={hp.jepa_num_spans} must be >= 1")
+    longest_span = hp.train_seq_len // (2 * hp.jepa_num_spans)
+    _require(1 <= hp.jepa_span_min <= longest_span,
+             f"JEPA_SPAN_MIN={hp.jepa_span_min} must be in [1, TRAIN_SEQ_LEN/(2*JEPA_NUM_SPANS)={longest_span}]")
+    _require(hp.jepa_span_mean >= 1, f"JEPA_SPAN_MEAN={hp.jepa_span_mean} must be >= 1")
+    _require(hp.jepa_pred_mult > 0, f"JEPA_PRED_MULT={hp.jepa_pred_mult} must be positive")
+    _require(hp.sigreg_slices > 0, f"SIGREG_SLICES={hp.sigreg_slices} must be positive")
+    return grad_accum_steps
+
+
+# =============================================================================
+# MUON OPTIMIZER
+# =============================================================================
+# Muon (github.com/KellerJordan/Muon) replaces each matrix's momentum by the nearest
+# orthogonal matrix, computed with a few Newton-Schulz iterations: every direction of the
+# update gets the same size, which trains transformers' matrices faster than Adam.
+
+
+def newton_schulz_orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximate U @ V^T of matrix = U S V^T with a quintic Newton-Schulz iteration."""
+    # Coefficients of Muon's quintic: they push all singular values into ~[0.7, 1.2] in 5 steps.
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + orthogonalisation for 2-D parameters, with the work split across ranks:
+    rank r orthogonalises parameters r, r+W, r+2W, ... and one all-reduce shares the updates."""
+
+    def __init__(self, params: list[Tensor], lr: float, momentum: float, backend_steps: int,
+                 weight_decay: float, rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank = rank
+        self.world_size = world_size
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:
+        for group in self.param_groups:
+            params: list[Tensor] = group["params"]
+            if not params:
+                continue
+            device = params[0].device
+            update_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            updates = torch.zeros(sum(p.numel() for p in params), device=device, dtype=update_dtype)
+            offset = 0
+            for index, param in enumerate(params):
+                if index % self.world_size == self.rank and param.grad is not None:
+                    state = self.state[param]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(param.grad)
+                    buffer = state["momentum_buffer"]
+                    buffer.mul_(group["momentum"]).add_(param.grad)
+                    nesterov_gradient = param.grad.add(buffer, alpha=group["momentum"])
+                    update = newton_schulz_orthogonalize(nesterov_gradient, group["backend_steps"])
+                    # Orthogonal updates of tall matrices are scaled up to keep their RMS comparable.
+                    update = update * max(1.0, param.size(0) / param.size(1)) ** 0.5
+                    updates[offset:offset + param.numel()] = update.flatten()
+                offset += param.numel()
+            if self.world_size > 1:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for param in params:
+                if group["weight_decay"] > 0:
+                    param.mul_(1.0 - group["lr"] * group["weight_decay"])
+                param.add_(updates[offset:offset + param.numel()].view_as(param).to(param.dtype),
+                           alpha=-group["lr"])
+                offset += param.numel()
+
+
+# =============================================================================
+# DATA: challenge shard format, token loader, BPB lookup tables
+# =============================================================================
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256  # little-endian int32: magic, version, token count, then zeros
+BOS_ID = 1  # every document starts with <s>
+DATA_FIX_HINT = ("download the official data (python3 data/cached_challenge_fineweb.py --variant sp1024) "
+                 "or build a local corpus (python3 data/build_local_corpus.py) and point DATA_PATH at it")
+
+
+def load_data_shard(path: Path, vocab_size: int | None = None) -> Tensor:
+    """Read one shard, checking its header and size; returns its tokens as uint16."""
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size != SHARD_HEADER_INTS:
+        raise ConfigError(f"shard {path} is shorter than its 1024-byte header (truncated): rebuild or re-download it")
+    if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
+        raise ConfigError(f"shard {path} has magic {int(header[0])} version {int(header[1])}, expected "
+                          f"{SHARD_MAGIC} version {SHARD_VERSION}: not a challenge shard; rebuild or re-download it")
+    num_tokens = int(header[2])
+    expected_bytes = 4 * SHARD_HEADER_INTS + 2 * num_tokens
+    actual_bytes = path.stat().st_size
+    if actual_bytes != expected_bytes:
+        raise ConfigError(f"shard {path} has {actual_bytes} bytes but its header promises {num_tokens} tokens "
+                          f"({expected_bytes} bytes): truncated or corrupt; rebuild or re-download it")
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=4 * SHARD_HEADER_INTS)
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: "
+                          f"the shards and VOCAB_SIZE/TOKENIZER_PATH belong to different tokenizers")
+    return torch.from_numpy(tokens.astype(np.uint16, copy=False))
+
+
+def find_shards(data_path: str, split: str) -> list[Path]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not files:
+        raise ConfigError(f"no {split} shards match {pattern}: {DATA_FIX_HINT}")
+    return files
+
+
+class TokenStream:
+    """Reads the shards in order and wraps around forever: deterministic, no sampling, no
+    workers. Its position (file index, offset) is all a checkpoint needs to resume it."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.files = files
+        self.vocab_size = vocab_size
+        self.file_index = 0
+        self.position = 0
+        self.tokens = load_data_shard(files[0], vocab_size)
+
+    def _open(self, file_index: int) -> None:
+        self.file_index = file_index % len(self.files)
+        self.tokens = load_data_shard(self.files[self.file_index], self.vocab_size)
+        self.position = 0
+
+    def take(self, count: int) -> Tensor:
+        pieces: list[Tensor] = []
+        while count > 0:
+            available = self.tokens.numel() - self.position
+            if available <= 0:
+                self._open(self.file_index + 1)
+                continue
+            length = min(count, available)
+            pieces.append(self.tokens[self.position:self.position + length])
+            self.position += length
+            count -= length
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def state(self) -> dict[str, int]:
+        return {"file_index": self.file_index, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self._open(state["file_index"])
+        self.position = state["position"]
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous chunk of the stream and gives rank r the r-th slice
+    (+1 token for the shifted targets). World size 2 with accumulation 1 therefore sees exactly
+    the tokens of world size 1 with accumulation 2: the global batch never depends on the launch."""
+
+    def __init__(self, files: list[Path], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = chunk[self.rank * span:(self.rank + 1) * span].to(dtype=torch.int64)
+        inputs = local[:-1].reshape(-1, seq_len)
+        targets = local[1:].reshape(-1, seq_len)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int, max_tokens: int) -> Tensor:
+    tokens = torch.cat([load_data_shard(path, vocab_size) for path in files])
+    if max_tokens > 0:
+        tokens = tokens[:max_tokens + 1]
+    usable = ((tokens.numel() - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ConfigError(f"the validation split has {tokens.numel()} tokens, fewer than one sequence of "
+                          f"TRAIN_SEQ_LEN={seq_len} + 1: use more validation text or a shorter TRAIN_SEQ_LEN")
+    return tokens[:usable + 1]
+
+
+def build_sentencepiece_luts(
+    sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Lookup tables that turn token ids back into UTF-8 byte counts, for val_bpb.
+
+    Returns (bytes_per_token int16, has_leading_space bool, is_boundary_token bool), each of
+    length max(tokenizer vocab, vocab_size). The bytes of a token at position t are
+    bytes_per_token[tok] + (has_leading_space[tok] and not is_boundary_token[previous token]):
+    the "▁" of a piece stands for one space byte, except right after a boundary (control or
+    unknown token, e.g. the BOS that opens a document) where the decoder drops it.
+    """
+    tokenizer_vocab = int(sp.vocab_size())
+    table_size = max(tokenizer_vocab, vocab_size)
+    bytes_per_token = np.zeros(table_size, dtype=np.int16)
+    has_leading_space = np.zeros(table_size, dtype=np.bool_)
+    # Ids beyond the tokenizer's vocab never occur; marking them boundary keeps them at 0 bytes.
+    is_boundary_token = np.ones(table_size, dtype=np.bool_)
+    for token_id in range(tokenizer_vocab):
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
+            continue  # decodes to no text: 0 bytes, and a boundary for the next piece's space
+        is_boundary_token[token_id] = False
+        if sp.is_byte(token_id):
+            bytes_per_token[token_id] = 1  # byte-fallback piece <0xAB> is exactly one byte
+            continue
+        piece = sp.id_to_piece(token_id)
+        if piece.startswith("\u2581"):
+            has_leading_space[token_id] = True
+            piece = piece[1:]
+        bytes_per_token[token_id] = len(piece.encode("utf-8"))
+    return (
+        torch.tensor(bytes_per_token, dtype=torch.int16, device=device),
+        torch.tensor(has_leading_space, dtype=torch.bool, device=device),
+        torch.tensor(is_boundary_token, dtype=torch.bool, device=device),
+    )
+
+
+def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
+    path = Path(hp.tokenizer_path)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer {path} not found: {DATA_FIX_HINT}, and set TOKENIZER_PATH to its .model")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if int(sp.vocab_size()) != hp.vocab_size:
+        raise ConfigError(f"tokenizer {path} has {int(sp.vocab_size())} pieces but VOCAB_SIZE={hp.vocab_size}: "
+                          f"set VOCAB_SIZE={int(sp.vocab_size())} or use the tokenizer the shards were built with")
+    return sp
+
+
+# =============================================================================
+# MODEL: the GPT backbone
+# =============================================================================
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose fp32 weight is cast to the activation dtype at matmul time:
+    the optimizer keeps full-precision weights while the matmuls run in bf16 on GPUs."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            # Output projections into the residual stream start at zero: every block begins as
+            # the identity, which keeps deep stacks stable in the first steps.
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class PartialRotary(nn.Module):
+    """RoPE on the first `rotary_dims` dims of each head; the rest carry position-free content."""
+
+    def __init__(self, rotary_dims: int, base: float):
+        super().__init__()
+        self.rotary_dims = rotary_dims
+        inverse_frequency = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.float32) / max(rotary_dims, 1)))
+        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, heads, T, head_dim)
+        if self.rotary_dims == 0:
+            return x
+        positions = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inverse_frequency)  # (T, rotary_dims / 2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rotated, passthrough = x[..., :self.rotary_dims], x[..., self.rotary_dims:]
+        half = self.rotary_dims // 2
+        x1, x2 = rotated[..., :half], rotated[..., half:]
+        rotated = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return torch.cat((rotated, passthrough), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with q/k RMSNorm, partial RoPE, a learned per-head query gain and optional
+    XSA (exclusive self-attention: each output has its own value direction projected out, so a
+    head must bring information from other positions instead of copying the token itself)."""
+
+    def __init__(self, hp: Hyperparameters, use_xsa: bool):
+        super().__init__()
+        self.num_heads = hp.num_heads
+        self.num_kv_heads = hp.num_kv_heads
+        self.head_dim = hp.head_dim
+        self.use_xsa = use_xsa
+        kv_dim = hp.num_kv_heads * hp.head_dim
+        self.query = CastedLinear(hp.model_dim, hp.model_dim)
+        self.key = CastedLinear(hp.model_dim, kv_dim)
+        self.value = CastedLinear(hp.model_dim, kv_dim)
+        self.output = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
+        self.query_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        self.rotary = PartialRotary(hp.rope_dims, hp.rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q = self.query(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.key(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.value(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.rotary(rms_norm(q)) * self.query_gain.to(q.dtype)[None, :, None, None]
+        k = self.rotary(rms_norm(k))
+        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
+        if self.use_xsa:
+            group = self.num_heads // self.num_kv_heads
+            y = y.view(batch, self.num_kv_heads, group, length, self.head_dim)
+            own_value = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
+            y = y - (y * own_value).sum(dim=-1, keepdim=True) * own_value
+            y = y.view(batch, self.num_heads, length, self.head_dim)
+        y = y.transpose(1, 2).reshape(batch, length, width)
+        return self.output(y)
+
+
+class MLP(nn.Module):
+    """LeakyReLU(0.5)^2: the squared ReLU of modded-nanogpt with a leak so no unit dies."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = int(hp.mlp_mult * hp.model_dim)
+        self.expand = CastedLinear(hp.model_dim, hidden)
+        self.contract = CastedLinear(hidden, hp.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.contract(F.leaky_relu(self.expand(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer_index: int):
+        super().__init__()
+        self.attention = CausalSelfAttention(hp, use_xsa=layer_index >= hp.num_layers - hp.xsa_last_n)
+        self.mlp = MLP(hp)
+        self.attention_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        # resid_mix: learned blend of the running stream x and the block-0 input x0 (per channel).
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
+        # LN scale: deeper blocks read a damped copy of the stream, which tames its growth with depth.
+        self.input_scale = 1.0 / math.sqrt(layer_index + 1) if hp.ln_scale else 1.0
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attention_scale.to(x.dtype) * self.attention(rms_norm(x) * self.input_scale)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale)
+        return x
+
+
+class BigramHash(nn.Module):
+    """A hashed embedding of (previous token, current token): cheap bigram statistics that a
+    1024-token vocabulary cannot hold in its pieces. The table starts at zero and its output is
+    scaled by a small learned factor, so it enters the model gradually."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.num_buckets = hp.bigram_vocab_size
+        self.table = nn.Embedding(hp.bigram_vocab_size, hp.bigram_dim)
+        nn.init.zeros_(self.table.weight)
+        self.projection = CastedLinear(hp.bigram_dim, hp.model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T)
+        current = tokens.to(torch.int64)
+        previous = F.pad(current[:, :-1], (1, 0))
+        # Odd multipliers before the xor spread (previous, current) pairs over the buckets; the
+        # last bucket is reserved for position 0, which has no previous token.
+        hashed = torch.bitwise_xor(current * 92821, previous * 68917) % (self.num_buckets - 1)
+        hashed[:, 0] = self.num_buckets - 1
+        return hashed
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.scale.to(torch.float32) * self.projection(self.table(self.bucket_ids(tokens)))
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g = sigmoid(w): the
+    cheapest way to let every position see its predecessor before the first attention layer."""
+
+    def __init__(self, model_dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(model_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * previous
+
+
+class GPT(nn.Module):
+    """The backbone: embeddings, U-Net-connected blocks, tied output head. forward() returns the
+    cross-entropy of the rows that have targets and, when asked, the output of one block (the
+    features the JEPA projections read)."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.logit_softcap = hp.logit_softcap
+        self.token_embedding = nn.Embedding(hp.vocab_size, hp.model_dim)
+        nn.init.normal_(self.token_embedding.weight, std=hp.tied_embed_init_std)
+        self.bigram = BigramHash(hp) if hp.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(hp.model_dim) if hp.smear_gate else None
+        self.blocks = nn.ModuleList([Block(hp, index) for index in range(hp.num_layers)])
+        # U-Net: the outputs of the first half are added into the second half in reverse order.
+        self.num_encoder_blocks = hp.num_layers // 2
+        num_skips = min(self.num_encoder_blocks, hp.num_layers - self.num_encoder_blocks)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
+
+    def embed(self, input_ids: Tensor, token_mask: Tensor | None = None,
+              mask_embedding: Tensor | None = None) -> Tensor:
+        """x0 of the blocks. With token_mask (span JEPA), masked positions get mask_embedding
+        and no BigramHash, and the position after each span no BigramHash either: its hash
+        would reveal the masked token before it."""
+        x = self.token_embedding(input_ids)
+        if token_mask is not None:
+            x = torch.where(token_mask.unsqueeze(-1), mask_embedding.to(x.dtype), x)
+        if self.bigram is not None:
+            bigram = self.bigram(input_ids)
+            if token_mask is not None:
+                revealed = token_mask | F.pad(token_mask[:, :-1], (1, 0))
+                bigram = bigram.masked_fill(revealed.unsqueeze(-1), 0.0)
+            x = x + bigram.to(x.dtype)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        return x
+
+    def _run_block(self, index: int, x: Tensor, x0: Tensor, skips: list[Tensor]) -> Tensor:
+        decoder_index = index - self.num_encoder_blocks
+        if 0 <= decoder_index < self.skip_weights.size(0) and skips:
+            x = x + self.skip_weights[decoder_index].to(x.dtype) * skips.pop()
+        x = self.blocks[index](x, x0)
+        if index < self.num_encoder_blocks:
+            skips.append(x)
+        return x
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T)
+        target_ids: Tensor | None = None,  # (B_ce, T): CE over the first B_ce rows of input_ids
+        feature_layer: int | None = None,  # return the output of this block as well
+        token_mask: Tensor | None = None,  # (B, T) bool: span-JEPA context rows
+        mask_embedding: Tensor | None = None,
+        grad_layer: int | None = None,  # features carry gradient only into blocks >= grad_layer
+        reduction: str = "mean",  # "none": per-token losses (B_ce, T) for evaluation
+        last_layer: int | None = None,  # stop after this block (target encoders need no more)
+    ) -> tuple[Tensor | None, Tensor | None]:
+        x0 = self.embed(input_ids, token_mask, mask_embedding)
+        x, skips = x0, []
+        features: Tensor | None = None
+        saved: tuple[Tensor, Tensor, list[Tensor]] | None = None
+        final_index = len(self.blocks) - 1 if last_layer is None else last_layer
+        for index in range(final_index + 1):
+            if index == grad_layer:
+                saved = (x.detach(), x0.detach(), [skip.detach() for skip in skips])
+            x = self._run_block(index, x, x0, skips)
+            if index == feature_layer:
+                features = x
+        if saved is not None and feature_layer is not None:
+            # JEPA_GRAD_LAYERS: recompute blocks grad_layer..feature_layer from detached inputs, so
+            # the JEPA loss trains only those blocks while CE still trains all of them.
+            x_cut, x0_cut, skips_cut = saved
+            for index in range(grad_layer, feature_layer + 1):
+                x_cut = self._run_block(index, x_cut, x0_cut, skips_cut)
+            features = x_cut
+        if target_ids is None:
+            return None, features
+        logits = self.output_logits(x[: target_ids.size(0)])
+        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction=reduction)
+        if reduction == "none":
+            losses = losses.view_as(target_ids)
+        return losses, features
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """Final RMSNorm, the tied output head, then the soft cap: cap * tanh(logits / cap)."""
+        logits = F.linear(rms_norm(hidden), self.token_embedding.weight.to(hidden.dtype))
+        return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
+
+    def logits(self, input_ids: Tensor) -> Tensor:  # (B, T) -> (B, T, vocab)
+        _, hidden = self(input_ids, feature_layer=len(self.blocks) - 1)
+        return self.output_logits(hidden)
+
+
+# =============================================================================
+# JEPA: projections, predictors, target encoder, losses, anti-collapse
+# =============================================================================
+# h: block output (B, T, D); z = projection(rmsnorm(h)): latents (B, T, D_LATENT).
+# The predictor maps context latents to the target latents the mode asks for; the target side
+# is computed from the EMA target encoder (or the online encoder under stop-gradient) and passed
+# through a trained target projection, which the regulariser keeps from collapsing.
+# None of these modules is ever exported: evaluation is plain next-token prediction.
+
+
+class LatentPredictor(nn.Module):
+    """Residual MLP in latent space; it starts as the identity (zero-initialised output)."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int):
+        super().__init__()
+        self.expand = CastedLinear(latent_dim, hidden_dim)
+        self.contract = CastedLinear(hidden_dim, latent_dim, zero_init=True)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z + self.contract(F.leaky_relu(self.expand(rms_norm(z)), negative_slope=0.5).square())
+
+
+def vicreg_terms(z: Tensor) -> tuple[Tensor, Tensor]:
+    """VICReg's variance hinge (each dim's std >= 1) and off-diagonal covariance penalty."""
+    z = z.float().reshape(-1, z.size(-1))
+    z = z - z.mean(dim=0)
+    std = torch.sqrt(z.var(dim=0) + 1e-4)
+    variance_loss = F.relu(1.0 - std).mean()
+    covariance = (z.T @ z) / max(z.size(0) - 1, 1)
+    off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
+    covariance_loss = off_diagonal.square().sum() / z.size(-1)
+    return variance_loss, covariance_loss
+
+
+def sigreg_loss(z: Tensor, directions: Tensor) -> Tensor:
+    """SIGReg (LeJEPA): project the latents on random unit directions and measure, with the
+    Epps-Pulley statistic, how far each 1-D distribution is from N(0, 1): the mean over
+    directions of the integral of |empirical characteristic function - exp(-t^2/2)|^2 weighted
+    by exp(-t^2/2). Zero exactly for isotropic standard-normal latents."""
+    projected = z.float().reshape(-1, z.size(-1)) @ directions  # (N, slices)
+    t = torch.linspace(0.0, 4.0, 17, device=z.device)  # even integrand: integrate on [0, 4], double
+    angles = projected.unsqueeze(-1) * t  # (N, slices, knots)
+    real, imaginary = torch.cos(angles).mean(dim=0), torch.sin(angles).mean(dim=0)
+    gaussian = torch.exp(-0.5 * t.square())
+    integrand = ((real - gaussian).square() + imaginary.square()) * gaussian
+    return 2.0 * torch.trapezoid(integrand, t, dim=-1).mean()
+
+
+def effective_rank(z: Tensor, max_rows: int = 4096) -> Tensor:
+    """exp(entropy of the normalised singular values): 1 for a collapsed latent, D for a full one."""
+    z = z.detach().float().reshape(-1, z.size(-1))[:max_rows]
+    singular_values = torch.linalg.svdvals(z - z.mean(dim=0))
+    p = singular_values / singular_values.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+# Order of the JEPA statistics vector (accumulated on device, read only on log steps).
+JEPA_STAT_NAMES = ("jepa_loss", "reg_loss", "reg_other", "pred_std_mean", "pred_std_min",
+                   "tgt_std_mean", "tgt_std_min")
+
+
+class JepaHead(nn.Module):
+    """ctx_proj, tgt_proj, one predictor per horizon (next mode) and the span mask embedding.
+    forward() turns context and target features into the prediction loss, the anti-collapse
+    loss and a vector of diagnostics."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.mode = hp.jepa_mode
+        self.loss_kind = hp.jepa_loss
+        self.offsets = hp.jepa_offset_list if hp.jepa_mode == "next" else [0]
+        weights = [hp.jepa_offset_decay ** i for i in range(len(self.offsets))]
+        self.offset_weights = [w / sum(weights) for w in weights]
+        self.chunk = hp.jepa_chunk
+        self.anti_collapse = hp.anti_collapse
+        self.regularised_side = hp.regularised_side
+        self.var_weight, self.cov_weight = hp.vicreg_var_weight, hp.vicreg_cov_weight
+        self.sigreg_weight = hp.sigreg_weight
+        self.context_projection = CastedLinear(hp.model_dim, hp.d_latent)
+        self.target_projection = CastedLinear(hp.model_dim, hp.d_latent)
+        hidden = int(hp.jepa_pred_mult * hp.d_latent)
+        self.predictors = nn.ModuleList([LatentPredictor(hp.d_latent, hidden) for _ in self.offsets])
+        # The learned embedding that replaces masked tokens in span mode (I-JEPA's mask token).
+        self.mask_embedding = nn.Parameter(torch.zeros(hp.model_dim)) if hp.jepa_mode == "span" else None
+
+    def _prediction_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        prediction, target = prediction.float(), target.float()
+        if self.loss_kind == "cosine":
+            return 1.0 - F.cosine_similarity(prediction, target, dim=-1).mean()
+        return F.mse_loss(prediction, target)
+
+    def _regulariser(self, z: Tensor, sigreg_directions: Tensor | None) -> Tensor:
+        if self.anti_collapse == "vicreg":
+            variance_loss, covariance_loss = vicreg_terms(z)
+            return self.var_weight * variance_loss + self.cov_weight * covariance_loss
+        if self.anti_collapse == "sigreg":
+            return self.sigreg_weight * sigreg_loss(z, sigreg_directions)
+        return z.new_zeros(())
+
+    def forward(
+        self,
+        context_features: Tensor,  # (B, T, D) online block output (span mode: the masked pass)
+        target_features: Tensor,  # (B, T, D) target encoder output, already without gradient
+        span_mask: Tensor | None = None,  # (B, T) bool, span mode only
+        sigreg_directions: Tensor | None = None,  # (D_LATENT, slices) unit columns, sigreg only
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        z_context = self.context_projection(rms_norm(context_features))
+        z_target = self.target_projection(rms_norm(target_features))
+        predictions: list[Tensor] = []
+        targets: list[Tensor] = []
+        if self.mode == "next":  # predictor_k(z_ctx[t]) -> z_tgt[t + k]
+            length = z_context.size(1)
+            for offset, predictor in zip(self.offsets, self.predictors):
+                predictions.append(predictor(z_context[:, :length - offset]))
+                targets.append(z_target[:, offset:])
+        elif self.mode == "chunk":  # predictor(z_ctx[t]) -> mean(z_tgt[t+1 .. t+C])
+            c = self.chunk
+            cumulative = F.pad(z_target.float().cumsum(dim=1), (0, 0, 1, 0))  # (B, T+1, L)
+            chunk_means = (cumulative[:, c + 1:] - cumulative[:, 1:-c]) / c  # t = 0 .. T-C-1
+            predictions.append(self.predictors[0](z_context[:, :chunk_means.size(1)]))
+            targets.append(chunk_means)
+        else:  # span: predictor(z_ctx[t]) -> z_tgt[t] at masked positions t
+            predictions.append(self.predictors[0](z_context[span_mask]))
+            targets.append(z_target[span_mask])
+        prediction_loss = sum(w * self._prediction_loss(p, t)
+                              for w, p, t in zip(self.offset_weights, predictions, targets))
+
+        prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions])
+        target_latents = z_target if self.mode != "span" else z_target[span_mask]
+        regularised, other = ((target_latents, prediction_latents) if self.regularised_side == "target"
+                              else (prediction_latents, target_latents))
+        regulariser_loss = self._regulariser(regularised, sigreg_directions)
+        with torch.no_grad():  # the other side's value, logged as a diagnostic only
+            other_value = self._regulariser(other.detach(), sigreg_directions)
+            prediction_std = prediction_latents.detach().float().std(dim=0)
+            target_std = target_latents.detach().float().reshape(-1, target_latents.size(-1)).std(dim=0)
+            stats = torch.stack([
+                prediction_loss.detach().float(), regulariser_loss.detach().float(), other_value.float(),
+                prediction_std.mean(), prediction_std.min(), target_std.mean(), target_std.min(),
+            ])
+        return prediction_loss, regulariser_loss, stats
+
+
+def sample_span_mask(batch: int, length: int, hp: Hyperparameters, generator: torch.Generator) -> Tensor:
+    """JEPA_NUM_SPANS non-overlapping spans per row, lengths ~ Geometric(mean JEPA_SPAN_MEAN)
+    clamped to [JEPA_SPAN_MIN, T / (2 * spans)]. Placement: draw the free space before each span
+    as sorted uniform points in [0, T - total length], then lay the spans out in order, so they
+    can touch but never overlap and always stay inside the row. Returns (batch, T) bool on CPU."""
+    spans = hp.jepa_num_spans
+    longest = length // (2 * spans)
+    success = 1.0 / max(hp.jepa_span_mean, 1.0)
+    uniform = torch.rand(batch, spans, generator=generator).clamp_min(1e-12)
+    if success >= 1.0:
+        lengths = torch.ones(batch, spans, dtype=torch.int64)
+    else:
+        lengths = (torch.floor(torch.log(uniform) / math.log(1.0 - success)) + 1).to(torch.int64)
+    lengths = lengths.clamp(hp.jepa_span_min, longest)
+    free = length - lengths.sum(dim=1, keepdim=True)  # >= T/2 by the clamp
+    gaps = torch.sort((torch.rand(batch, spans, generator=generator) * (free + 1)).floor().to(torch.int64), dim=1).values
+    starts = gaps + F.pad(lengths.cumsum(dim=1)[:, :-1], (1, 0))
+    positions = torch.arange(length)
+    inside = (positions >= starts.unsqueeze(-1)) & (positions < (starts + lengths).unsqueeze(-1))
+    return inside.any(dim=1)
+
+
+@torch.no_grad()
+def ema_update(ema_tensors: list[Tensor], online_tensors: list[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * online, as one foreach kernel over all tensors."""
+    torch._foreach_lerp_(ema_tensors, online_tensors, 1.0 - decay)
+
+
+# =============================================================================
+# EVALUATION: val_loss and val_bpb, plain and sliding-window
+# =============================================================================
+
+
+def evaluate_bpb(
+    model: nn.Module,
+    val_tokens: Tensor,
+    seq_len: int,
+    batch_tokens: int,
+    luts: tuple[Tensor, Tensor, Tensor],
+    runtime: "Runtime",
+    stride: int = 0,
+) -> tuple[float, float]:
+    """Cross-entropy (nats/token) and bits per byte over the validation tokens.
+
+    stride = 0 (or = seq_len): disjoint windows of seq_len, every token scored once. A smaller
+    stride: windows of seq_len ending every `stride` tokens, each scoring only its last `stride`
+    tokens, so every token but the first window's is predicted with seq_len - stride tokens of
+    context. Both modes score exactly the same tokens, so their numbers are comparable."""
+    bytes_per_token, has_leading_space, is_boundary = luts
+    usable = val_tokens.numel() - 1
+    stride = seq_len if stride <= 0 else stride
+    window_ends = list(range(seq_len, usable + 1, stride))
+    if window_ends[-1] != usable:
+        window_ends.append(usable)
+    # Window i scores target positions [previous end, end): the first window scores all of its own.
+    windows = [(end - seq_len, prev_end - (end - seq_len), end)
+               for prev_end, end in zip([0] + window_ends[:-1], window_ends)]
+    my_windows = windows[runtime.rank::runtime.world_size]
+    batch_windows = max(1, batch_tokens // (seq_len * runtime.world_size))
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    token_count = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    byte_count = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for first in range(0, len(my_windows), batch_windows):
+            group = my_windows[first:first + batch_windows]
+            rows = torch.stack([val_tokens[start:end + 1] for start, _, end in group]).to(runtime.device, torch.int64)
+            inputs, targets = rows[:, :-1], rows[:, 1:]
+            score_from = torch.tensor([skip for _, skip, _ in group], device=runtime.device)
+            scored = torch.arange(seq_len, device=runtime.device)[None, :] >= score_from[:, None]
+            with runtime.autocast():
+                token_losses, _ = model(inputs, targets, reduction="none")
+            loss_sum += token_losses.double()[scored].sum()
+            token_count += scored.sum()
+            token_bytes = bytes_per_token[targets].to(torch.int32)
+            token_bytes += (has_leading_space[targets] & ~is_boundary[inputs]).to(torch.int32)
+            byte_count += token_bytes[scored].double().sum()
+    if runtime.distributed:
+        for total in (loss_sum, token_count, byte_count):
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    val_loss = (loss_sum / token_count).item()
+    bits_per_token = val_loss / math.log(2.0)
+    return val_loss, bits_per_token * token_count.item() / byte_count.item()
+
+
+# =============================================================================
+# EXPORT: int6 quantisation, LZMA, size accounting, artifact format
+# =============================================================================
+# Matrices (the weights of linear layers) are stored as per-row symmetric integers in
+# [-(2^(b-1)-1), 2^(b-1)-1] with one fp16 scale per row, b = 6 by default; embeddings as int8;
+# every other tensor (gains, scales, mixes, gates) as fp16. Classes follow the module type, never
+# the parameter's name. The int codes are stored one per byte: LZMA squeezes the unused high bits
+# better than a bit-packed layout would let it find repeats.
+
+ARTIFACT_MAGIC = b"TGJEPA\x00\x01"
+ARTIFACT_HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of the LZMA body, body length
+CLIP_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74, 0.7, 0.65, 0.6)  # per-row clip search, x row max |w|
+# Top-level names of every training-only part; no artifact key may start with one of them.
+JEPA_MODULE_NAMES = ("context_projection", "target_projection", "predictors", "mask_embedding", "target_encoder")
+
+
+def quantize_rows(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row symmetric quantisation with a clip search: each row keeps the clip (fraction of
+    its max |w|) with the least squared error. Returns (codes int8, scales fp16, error per row)."""
+    max_level = 2 ** (bits - 1) - 1
+    w = weight.detach().float().reshape(weight.size(0), -1)
+    row_max = w.abs().amax(dim=1).clamp_min(1e-8)
+    best_error = torch.full((w.size(0),), float("inf"))
+    best_codes = torch.zeros_like(w, dtype=torch.int8)
+    best_scales = torch.zeros(w.size(0), dtype=torch.float16)
+    for ratio in CLIP_RATIOS:
+        # Scales are rounded to fp16 before coding so the error measured is the error stored.
+        scales = (row_max * ratio / max_level).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+        codes = torch.clamp(torch.round(w / scales.float()[:, None]), -max_level, max_level)
+        error = (codes * scales.float()[:, None] - w).square().sum(dim=1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_codes[better] = codes[better].to(torch.int8)
+        best_scales[better] = scales[better]
+    return best_codes, best_scales, best_error
+
+
+def tensor_storage_classes(model: nn.Module) -> dict[str, str]:
+    """Decide each state-dict tensor's class from the module that owns it."""
+    classes: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, nn.Embedding):
+                classes[name] = "int8"
+            elif isinstance(module, nn.Linear) and param.ndim == 2:
+                classes[name] = "int6"
+            else:
+                classes[name] = "float16"
+    return classes
+
+
+def _encode_tensor(tensor: Tensor, storage: str) -> tuple[dict[str, Any], list[bytes], float]:
+    """(metadata, byte blobs, squared error) of one tensor at one storage class."""
+    if storage == "float16":
+        stored = tensor.detach().to(torch.float16)
+        error = (stored.float() - tensor.detach().float()).square().sum().item()
+        return {"storage": storage}, [stored.cpu().numpy().tobytes()], error
+    bits = int(storage.removeprefix("int"))
+    codes, scales, row_errors = quantize_rows(tensor.cpu(), bits)
+    return {"storage": storage}, [codes.numpy().tobytes(), scales.numpy().tobytes()], row_errors.sum().item()
+
+
+def _serialize(entries: list[dict[str, Any]], blobs: list[list[bytes]], hp: Hyperparameters) -> bytes:
+    offset = 0
+    for entry, parts in zip(entries, blobs):
+        entry["offset"], entry["lengths"] = offset, [len(part) for part in parts]
+        offset += sum(entry["lengths"])
+    metadata = json.dumps({"format": 1, "hyperparameters": dataclasses.asdict(hp), "tensors": entries},
+                          sort_keys=True).encode("utf-8")
+    return struct.pack("<I", len(metadata)) + metadata + b"".join(part for parts in blobs for part in parts)
+
+
+def compress_artifact(raw: bytes, preset: int) -> bytes:
+    body = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME)
+    return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, hashlib.sha256(body).digest(), len(body)) + body
+
+
+def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Callable[[str], None]) -> bytes:
+    """Quantise the backbone and compress it so that artifact + code fit ARTIFACT_BUDGET_BYTES.
+    Over budget, matrices move down int6 -> int5 -> int4, cheapest first: the move with the
+    least growth of relative squared error (||W - W_q||^2 / ||W||^2) per byte saved, bytes
+    measured by LZMA on the tensor alone. Each choice is logged. Returns the artifact's bytes."""
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    leaked = [name for name in state if name.split(".")[0] in JEPA_MODULE_NAMES]
+    assert not leaked, f"JEPA tensors must never reach the artifact: {leaked}"
+    names = sorted(state)
+    classes = tensor_storage_classes(model)
+    storage = {name: classes.get(name, "float16") for name in names}
+    encodings: dict[tuple[str, str], tuple[dict[str, Any], list[bytes], float]] = {}
+    compressed_sizes: dict[tuple[str, str], int] = {}
+
+    def encoding(name: str, kind: str) -> tuple[dict[str, Any], list[bytes], float]:
+        if (name, kind) not in encodings:
+            encodings[name, kind] = _encode_tensor(state[name], kind)
+        return encodings[name, kind]
+
+    def compressed_size(name: str, kind: str) -> int:
+        if (name, kind) not in compressed_sizes:
+            compressed_sizes[name, kind] = len(lzma.compress(b"".join(encoding(name, kind)[1]), preset=hp.lzma_preset))
+        return compressed_sizes[name, kind]
+
+    def build() -> bytes:
+        entries = [{"name": n, "shape": list(state[n].shape), **encoding(n, storage[n])[0]} for n in names]
+        return compress_artifact(_serialize(entries, [encoding(n, storage[n])[1] for n in names], hp), hp.lzma_preset)
+
+    artifact = build()
+    budget_for_weights = hp.artifact_budget_bytes - code_bytes
+    while len(artifact) > budget_for_weights:
+        moves = []
+        for name in names:
+            lower = {"int6": "int5", "int5": "int4"}.get(storage[name])
+            if lower is None:
+                continue
+            saved = compressed_size(name, storage[name]) - compressed_size(name, lower)
+            error_growth = (encoding(name, lower)[2] - encoding(name, storage[name])[2]) / (
+                state[name].float().square().sum().item() + 1e-12)
+            moves.append((error_growth / max(saved, 1), name, lower, saved, error_growth))
+        if not moves:
+            raise ConfigError(
+                f"the artifact does not fit: {len(artifact):,} bytes + code {code_bytes:,} bytes = "
+                f"{len(artifact) + code_bytes:,} > ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes:,} even with every "
+                f"matrix at int4: shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, BIGRAM_VOCAB_SIZE)")
+        overshoot = len(artifact) - budget_for_weights
+        expected_saving = 0
+        for _, name, lower, saved, error_growth in sorted(moves):
+            log(f"export: {name} {storage[name]} -> {lower} (relative error +{error_growth:.2e}, saves ~{saved:,} bytes)")
+            storage[name] = lower
+            expected_saving += saved
+            if expected_saving >= overshoot * 1.02:  # estimates are per tensor: aim a little past the cap
+                break
+        artifact = build()
+    return artifact
+
+
+def read_artifact(path: Path) -> dict[str, Any]:
+    """Parse and verify an artifact: returns its hyperparameters and dequantised state dict."""
+    if not path.is_file():
+        raise ConfigError(f"artifact {path} not found: train first or set ARTIFACT_PATH")
+    blob = path.read_bytes()
+    if len(blob) < ARTIFACT_HEADER.size or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise ConfigError(f"{path} is not a train_gpt_jepa artifact (bad magic): point ARTIFACT_PATH at a .ptz it wrote")
+    _, digest, body_length = ARTIFACT_HEADER.unpack_from(blob)
+    body = blob[ARTIFACT_HEADER.size:]
+    if len(body) != body_length or hashlib.sha256(body).digest() != digest:
+        raise ConfigError(f"artifact {path} is truncated or corrupt ({len(body)} of {body_length} body bytes, "
+                          f"checksum mismatch): copy it again or re-export it")
+    raw = lzma.decompress(body)
+    (metadata_length,) = struct.unpack_from("<I", raw)
+    metadata = json.loads(raw[4:4 + metadata_length])
+    payload = memoryview(raw)[4 + metadata_length:]
+    state: dict[str, Tensor] = {}
+    for entry in metadata["tensors"]:
+        shape, offset = entry["shape"], entry["offset"]
+        parts = []
+        for length in entry["lengths"]:
+            parts.append(payload[offset:offset + length])
+            offset += length
+        if entry["storage"] == "float16":
+            tensor = torch.frombuffer(bytearray(parts[0]), dtype=torch.float16).float()
+        else:
+            codes = torch.frombuffer(bytearray(parts[0]), dtype=torch.int8).float().view(shape[0], -1)
+            scales = torch.frombuffer(bytearray(parts[1]), dtype=torch.float16).float()
+            tensor = codes * scales[:, None]
+        state[entry["name"]] = tensor.reshape(shape)
+    return {"hyperparameters": metadata["hyperparameters"], "state_dict": state, "tensors": metadata["tensors"]}
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside the target, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+# =============================================================================
+# RUNTIME: device, distributed set-up, logging
+# =============================================================================
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    compile: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def setup_runtime(hp: Hyperparameters) -> Runtime:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    if hp.compute_dtype == "bfloat16" or (hp.compute_dtype == "auto" and device.type == "cuda"):
+        autocast_dtype: torch.dtype | None = torch.bfloat16
+    else:
+        autocast_dtype = None
+    use_compile = hp.compile == 1 or (hp.compile == -1 and device.type == "cuda")
+    if use_compile:
+        # One graph per (module, call signature): online, target, eval and roundtrip models.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile)
+
+
+class RunLogger:
+    """Rank 0 writes every line to logs/<RUN_ID>.txt (flushed at once, so a crash loses nothing)
+    and, unless console=False, to stdout."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(path, "a", encoding="utf-8")
+
+    def __call__(self, message: str, console: bool = True) -> None:
+        if self.handle is None:
+            return
+        if console:
+            print(message, flush=True)
+        self.handle.write(message + "\n")
+        self.handle.flush()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, remainder = divmod(seconds, 3600)
+    minutes, seconds = divmod(remainder, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10, check=False)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_name(runtime.device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# =============================================================================
+# TRAINING
+# =============================================================================
+
+
+def build_optimizers(hp: Hyperparameters, runtime: Runtime, modules: list[nn.Module]) -> list[torch.optim.Optimizer]:
+    """Muon for every matrix of a linear layer (backbone and JEPA alike), AdamW for embeddings,
+    AdamW without decay for everything else. Groups follow module types, not parameter names,
+    and every trainable parameter must land in exactly one group (asserted)."""
+    matrices, embeddings, scalars = [], [], []
+    for root in modules:
+        for module in root.modules():
+            for param in module.parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                if isinstance(module, nn.Embedding):
+                    embeddings.append(param)
+                elif isinstance(module, nn.Linear) and param.ndim == 2:
+                    matrices.append(param)
+                else:
+                    scalars.append(param)
+    fused = runtime.device.type == "cuda"
+    optimizers: list[torch.optim.Optimizer] = [
+        Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+             weight_decay=hp.muon_wd, rank=runtime.rank, world_size=runtime.world_size),
+        torch.optim.AdamW(embeddings, lr=hp.tied_embed_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                          weight_decay=hp.adam_wd, fused=fused),
+        torch.optim.AdamW(scalars, lr=hp.scalar_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                          weight_decay=0.0, fused=fused),
+    ]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+    grouped = [id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    trainable = [id(p) for root in modules for p in root.parameters() if p.requires_grad]
+    assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
+    assert set(grouped) == set(trainable), "a trainable parameter is in no optimizer group"
+    return optimizers
+
+
+@dataclass
+class Schedule:
+    """Learning-rate, JEPA-weight and curriculum multipliers as functions of progress."""
+
+    hp: Hyperparameters
+    jepa_active: bool
+
+    def warmdown(self, step: int, elapsed_ms: float) -> float:
+        """1 until the warmdown, then linear to 0 at the last step (or the wall-clock cap, using
+        the measured time per step to place the warmdown's start)."""
+        hp = self.hp
+        if hp.warmdown_iters <= 0:
+            return 1.0
+        by_steps = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+        if hp.max_wallclock_seconds <= 0 or step == 0:
+            return by_steps
+        warmdown_ms = hp.warmdown_iters * elapsed_ms / step
+        remaining_ms = max(1000.0 * hp.max_wallclock_seconds - elapsed_ms, 0.0)
+        return min(by_steps, remaining_ms / max(warmdown_ms, 1e-9))
+
+    def lr_multiplier(self, step: int, elapsed_ms: float) -> float:
+        warmup = min(1.0, (step + 1) / self.hp.lr_warmup_steps) if self.hp.lr_warmup_steps > 0 else 1.0
+        return warmup * self.warmdown(step, elapsed_ms)
+
+    def progress(self, step: int, elapsed_ms: float) -> float:
+        by_time = elapsed_ms / (1000.0 * self.hp.max_wallclock_seconds) if self.hp.max_wallclock_seconds > 0 else 0.0
+        return max(step / self.hp.iterations, by_time)
+
+    def ce_weight(self, step: int, elapsed_ms: float) -> float:
+        """Curriculum: CE weight 0 during the first JEPA_ONLY_FRACTION of training."""
+        if not self.jepa_active or self.hp.jepa_only_fraction <= 0:
+            return 1.0
+        return 0.0 if self.progress(step, elapsed_ms) < self.hp.jepa_only_fraction else 1.0
+
+    def jepa_weight(self, step: int, elapsed_ms: float) -> float:
+        hp = self.hp
+        if not self.jepa_active:
+            return 0.0
+        ramp = min(1.0, step / hp.jepa_warmup_steps) if hp.jepa_warmup_steps > 0 else 1.0
+        anneal = self.warmdown(step, elapsed_ms) if hp.jepa_anneal else 1.0
+        return hp.jepa_weight * ramp * anneal
+
+
+class LossTerms(NamedTuple):
+    total: Tensor  # what backward runs on: ce_weight * ce + jepa_weight * (prediction + regulariser)
+    ce: Tensor
+    prediction: Tensor | None  # None on vanilla and zero-JEPA-weight steps
+    regulariser: Tensor | None
+
+
+class Trainer:
+    """The online model (DDP-wrapped, compiled), the JEPA head and target encoder, optimizers,
+    the final-weights EMA and one optimizer step's logic."""
+
+    def __init__(self, hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int, train_files: list[Path],
+                 log: RunLogger):
+        self.hp, self.runtime, self.log = hp, runtime, log
+        self.grad_accum_steps = grad_accum_steps
+        self.local_batch_tokens = hp.train_batch_tokens // (runtime.world_size * grad_accum_steps)
+        # The backbone is built first so its initial weights do not depend on JEPA settings:
+        # JEPA_WEIGHT=0 and any JEPA run with the same SEED start from the same backbone.
+        torch.manual_seed(hp.seed)
+        self.model = GPT(hp).to(runtime.device)
+        self.head: JepaHead | None = JepaHead(hp).to(runtime.device) if hp.jepa_enabled else None
+        self.target_encoder: GPT | None = None
+        if self.head is not None and hp.target_ema_decay > 0:
+            self.target_encoder = copy.deepcopy(self.model).requires_grad_(False)
+        self.compiled_model = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
+        self.online = (DistributedDataParallel(self.compiled_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+                                               broadcast_buffers=False)
+                       if runtime.distributed else self.compiled_model)
+        self.compiled_head = (torch.compile(self.head, dynamic=False, fullgraph=True)
+                              if runtime.compile and self.head is not None else self.head)
+        self.compiled_target = (torch.compile(self.target_encoder, dynamic=False, fullgraph=True)
+                                if runtime.compile and self.target_encoder is not None else self.target_encoder)
+        trainable = [self.model] + ([self.head] if self.head is not None else [])
+        self.optimizers = build_optimizers(hp, runtime, trainable)
+        self.parameters = [p for module in trainable for p in module.parameters()]
+        self.schedule = Schedule(hp, jepa_active=self.head is not None)
+        self.final_ema: list[Tensor] | None = None
+        if hp.final_ema_enabled():
+            self.final_ema = [p.detach().clone().float() for p in self.model.parameters()]
+        self.loader = DistributedTokenLoader(train_files, hp.vocab_size, runtime.rank, runtime.world_size, runtime.device)
+        self.span_generator = torch.Generator().manual_seed(hp.seed * 1000 + runtime.rank)
+        self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
+        self.metric_sums = torch.zeros(2 + len(JEPA_STAT_NAMES), device=runtime.device)  # ce, total, stats
+        self.metric_counts = torch.zeros(2, device=runtime.device)  # micro-steps, JEPA micro-steps
+
+    # ---- one micro-step ----
+    def micro_step_losses(self, inputs: Tensor, targets: Tensor, ce_weight: float, jepa_weight: float,
+                          sigreg_directions: Tensor | None = None) -> LossTerms:
+        """Forward passes of one micro-batch; the caller runs backward on .total."""
+        hp = self.hp
+        if self.head is None or jepa_weight <= 0:
+            # Vanilla path (and JEPA runs' zero-weight steps): no features, no target forward.
+            with self.runtime.autocast():
+                ce_loss, _ = self.online(inputs, targets)
+            self.metric_sums[0] += ce_loss.detach()
+            return LossTerms(ce_weight * ce_loss, ce_loss, None, None)
+        jepa_rows = max(1, round(inputs.size(0) * hp.jepa_target_fraction))
+        span_mask = None
+        online_inputs, token_mask = inputs, None
+        if hp.jepa_mode == "span":
+            # One forward over [unmasked rows for CE; masked copies for the JEPA context].
+            span_mask = sample_span_mask(jepa_rows, inputs.size(1), hp, self.span_generator).to(self.runtime.device)
+            online_inputs = torch.cat([inputs, inputs[:jepa_rows]])
+            token_mask = torch.cat([torch.zeros_like(inputs, dtype=torch.bool), span_mask])
+        grad_layer = hp.jepa_layer_index - hp.jepa_grad_layers + 1 if hp.jepa_grad_layers > 0 else None
+        with self.runtime.autocast():
+            ce_loss, features = self.online(
+                online_inputs, targets, feature_layer=hp.jepa_layer_index, token_mask=token_mask,
+                mask_embedding=self.head.mask_embedding, grad_layer=grad_layer)
+            context = features[inputs.size(0):] if hp.jepa_mode == "span" else features[:jepa_rows]
+            if self.compiled_target is None:
+                # TARGET_EMA_DECAY=0: the target encoder is the online one, and it sees the same
+                # unmasked input, so its output is exactly the online features under stop-gradient.
+                target_features = features[:jepa_rows].detach()
+            else:
+                with torch.no_grad():
+                    _, target_features = self.compiled_target(
+                        inputs[:jepa_rows], feature_layer=hp.jepa_layer_index, last_layer=hp.jepa_layer_index)
+            prediction_loss, regulariser_loss, stats = self.compiled_head(
+                context, target_features, span_mask, sigreg_directions)
+        self.metric_sums[0] += ce_loss.detach()
+        self.metric_sums[2:] += stats
+        self.metric_counts[1] += 1
+        total = ce_weight * ce_loss + jepa_weight * (prediction_loss + regulariser_loss)
+        return LossTerms(total, ce_loss, prediction_loss, regulariser_loss)
+
+    def _sync_head_gradients(self) -> None:
+        """DDP averages the backbone's gradients during backward; the JEPA head lives outside
+        DDP (it is idle on zero-weight steps, which DDP would reject), so it gets one flat
+        all-reduce here. Missing gradients count as zeros, identically on every rank."""
+        if not self.runtime.distributed or self.head is None:
+            return
+        params = list(self.head.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.runtime.world_size
+        offset = 0
+        for param in params:
+            param.grad = flat[offset:offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
+
+    def step(self, step: int, elapsed_ms: float) -> dict[str, float]:
+        """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the schedule values."""
+        hp = self.hp
+        ce_weight = self.schedule.ce_weight(step, elapsed_ms)
+        jepa_weight = self.schedule.jepa_weight(step, elapsed_ms)
+        sigreg_directions = None
+        if self.head is not None and hp.anti_collapse == "sigreg":
+            directions = torch.randn(hp.d_latent, hp.sigreg_slices, generator=self.sigreg_generator)
+            sigreg_directions = F.normalize(directions, dim=0).to(self.runtime.device)
+        for micro_step in range(self.grad_accum_steps):
+            if self.runtime.distributed:
+                # Gradients are all-reduced only on the last micro-step; earlier ones accumulate locally.
+                self.online.require_backward_grad_sync = micro_step == self.grad_accum_steps - 1
+            inputs, targets = self.loader.next_batch(self.local_batch_tokens, hp.train_seq_len)
+            self.last_inputs = inputs
+            terms = self.micro_step_losses(inputs, targets, ce_weight, jepa_weight, sigreg_directions)
+            self.metric_sums[1] += terms.total.detach()
+            self.metric_counts[0] += 1
+            (terms.total / self.grad_accum_steps).backward()
+        self._sync_head_gradients()
+
+        momentum_fraction = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+        muon_momentum = (1 - momentum_fraction) * hp.muon_momentum_warmup_start + momentum_fraction * hp.muon_momentum
+        lr_multiplier = self.schedule.lr_multiplier(step, elapsed_ms)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_multiplier
+                if isinstance(optimizer, Muon):
+                    group["momentum"] = muon_momentum
+        if hp.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, hp.grad_clip_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.update_averages()
+        return {"ce_weight": ce_weight, "jepa_weight": jepa_weight, "lr_multiplier": lr_multiplier}
+
+    @torch.no_grad()
+    def update_averages(self) -> None:
+        """The EMA target encoder and the final-weights EMA follow the online weights after every
+        optimizer step. Every rank holds identical online weights, so every rank's EMA agrees."""
+        online = list(self.model.parameters())
+        if self.target_encoder is not None:
+            ema_update(list(self.target_encoder.parameters()), online, self.hp.target_ema_decay)
+        if self.final_ema is not None:
+            ema_update(self.final_ema, [p.detach().float() for p in online], self.hp.final_ema_decay)
+
+    def read_metrics(self) -> dict[str, float]:
+        """Averages since the last call; the only host sync of the training loop's log steps."""
+        sums, counts = self.metric_sums.clone(), self.metric_counts.clone()
+        if self.runtime.distributed:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        sums, counts = sums.tolist(), counts.tolist()
+        self.metric_sums.zero_()
+        self.metric_counts.zero_()
+        metrics = {"train_loss": sums[0] / max(counts[0], 1), "total_loss": sums[1] / max(counts[0], 1)}
+        if counts[1] > 0:
+            metrics.update({name: value / counts[1] for name, value in zip(JEPA_STAT_NAMES, sums[2:])})
+        return metrics
+
+    def target_effective_rank(self) -> float:
+        """Effective rank of z_tgt on the last micro-batch; computed on log steps only (an SVD)."""
+        hp = self.hp
+        inputs = self.last_inputs[: max(1, round(self.last_inputs.size(0) * hp.jepa_target_fraction))]
+        with torch.no_grad(), self.runtime.autocast():
+            encoder = self.target_encoder if self.target_encoder is not None else self.model
+            _, features = encoder(inputs, feature_layer=hp.jepa_layer_index, last_layer=hp.jepa_layer_index)
+            z_target = self.head.target_projection(rms_norm(features))
+        return effective_rank(z_target).item()
+
+    def state_for_warmup(self) -> tuple[dict[str, Tensor], list[dict], dict | None]:
+        return (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                copy.deepcopy(self.head.state_dict()) if self.head is not None else None)
+
+    def restore_after_warmup(self, saved: tuple[dict[str, Tensor], list[dict], dict | None], train_files: list[Path]) -> None:
+        model_state, optimizer_states, head_state = saved
+        self.model.load_state_dict(model_state)
+        for optimizer, state in zip(self.optimizers, optimizer_states):
+            optimizer.load_state_dict(state)
+        if self.head is not None:
+            self.head.load_state_dict(head_state)
+        if self.target_encoder is not None:
+            self.target_encoder.load_state_dict(model_state)
+        if self.final_ema is not None:
+            self.final_ema = [p.detach().clone().float() for p in self.model.parameters()]
+        self.loader = DistributedTokenLoader(train_files, self.hp.vocab_size, self.runtime.rank,
+                                             self.runtime.world_size, self.runtime.device)
+        self.span_generator.manual_seed(self.hp.seed * 1000 + self.runtime.rank)
+        self.sigreg_generator.manual_seed(self.hp.seed * 1000 + 999)
+        self.metric_sums.zero_()
+        self.metric_counts.zero_()
+
+
+# =============================================================================
+# MAIN
+# =============================================================================
+
+
+def format_train_line(step: int, hp: Hyperparameters, metrics: dict[str, float], schedule: dict[str, float],
+                      train_ms: float, eta_seconds: float, rank_value: float | None) -> str:
+    parts = [f"step:{step}/{hp.iterations}", f"train_loss:{metrics['train_loss']:.4f}"]
+    if "jepa_loss" in metrics:
+        parts += [f"jepa_loss:{metrics['jepa_loss']:.4f}", f"reg_loss:{metrics['reg_loss']:.4f}",
+                  f"reg_other:{metrics['reg_other']:.4f}",
+                  f"pred_std:{metrics['pred_std_mean']:.3f}/{metrics['pred_std_min']:.3f}",
+                  f"tgt_std:{metrics['tgt_std_mean']:.3f}/{metrics['tgt_std_min']:.3f}"]
+        if rank_value is not None:
+            parts.append(f"tgt_rank:{rank_value:.1f}")
+    if hp.jepa_enabled:
+        parts.append(f"jepa_w:{schedule['jepa_weight']:.4f}")
+        if hp.jepa_only_fraction > 0:
+            parts.append(f"ce_w:{schedule['ce_weight']:.0f}")
+    parts += [f"lr_mul:{schedule['lr_multiplier']:.3f}", f"train_time:{train_ms:.0f}ms",
+              f"step_avg:{train_ms / max(step, 1):.2f}ms", f"eta:{format_duration(eta_seconds)}"]
+    return " ".join(parts)
+
+
+def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str, Tensor]) -> nn.Module:
+    """A fresh backbone (no JEPA part) holding the given weights, compiled like training's."""
+    model = GPT(hp).to(runtime.device)
+    model.load_state_dict({name: tensor.to(runtime.device) for name, tensor in state_dict.items()}, strict=True)
+    return torch.compile(model, dynamic=False, fullgraph=True) if runtime.compile else model
+
+
+def evaluate_artifact(hp: Hyperparameters, runtime: Runtime, artifact_path: Path, val_tokens: Tensor,
+                      luts: tuple[Tensor, Tensor, Tensor], log: RunLogger) -> dict[str, float | None]:
+    """Roundtrip: rebuild the model from the artifact alone, evaluate, log the result lines."""
+    artifact = read_artifact(artifact_path)
+    model = build_eval_model(hp, runtime, artifact["state_dict"])
+    started = time.perf_counter()
+    val_loss, val_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts, runtime)
+    log(f"final_int6_lzma_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+        f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
+    log(f"final_int6_lzma_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    result: dict[str, float | None] = {"roundtrip_val_loss": val_loss, "roundtrip_val_bpb": val_bpb,
+                                       "sliding_val_loss": None, "sliding_val_bpb": None}
+    if hp.eval_stride > 0:
+        started = time.perf_counter()
+        sliding_loss, sliding_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts,
+                                                 runtime, stride=hp.eval_stride)
+        log(f"final_sliding val_loss:{sliding_loss:.8f} val_bpb:{sliding_bpb:.8f} stride:{hp.eval_stride} "
+            f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
+        result.update(sliding_val_loss=sliding_loss, sliding_val_bpb=sliding_bpb)
+    return result
+
+
+def run_eval_only(hp: Hyperparameters, runtime: Runtime) -> None:
+    """EVAL_ONLY=1: the artifact and this file are all that is needed. Shape settings come from
+    the artifact; evaluation settings and paths from the environment when set, else the run's."""
+    artifact_path = Path(hp.artifact_path)
+    stored = read_artifact(artifact_path)["hyperparameters"]
+    overrides = {}
+    for name, value in stored.items():
+        if name.upper() in os.environ and name in MODEL_SHAPE_FIELDS and getattr(hp, name) != value:
+            raise ConfigError(f"{name.upper()}={getattr(hp, name)} contradicts the artifact's {name}={value}: "
+                              f"unset it (the artifact fixes the model's shape)")
+        if name.upper() not in os.environ and name in {f.name for f in dataclasses.fields(Hyperparameters)}:
+            overrides[name] = value
+    hp = dataclasses.replace(hp, **overrides, eval_only=True)
+    log = RunLogger(Path(hp.log_dir) / f"{hp.run_id or 'eval'}_eval.txt") if runtime.master else RunLogger(None)
+    sp = load_tokenizer(hp)
+    luts = build_sentencepiece_luts(sp, hp.vocab_size, runtime.device)
+    val_tokens = load_validation_tokens(find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
+                                        hp.val_max_tokens)
+    code_bytes = len(Path(__file__).read_bytes())
+    artifact_bytes = artifact_path.stat().st_size
+    log(f"eval_only artifact:{artifact_path} bytes:{artifact_bytes} val_tokens:{val_tokens.numel() - 1}")
+    log(f"Total submission size int6+lzma: {artifact_bytes + code_bytes} bytes")
+    evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    write_atomically(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
+    code = Path(__file__).read_text(encoding="utf-8")
+    code_bytes = len(code.encode("utf-8"))
+    run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
+    if runtime.distributed:  # every rank must agree on the id that names logs and checkpoints
+        shared = [run_id]
+        dist.broadcast_object_list(shared, src=0)
+        run_id = shared[0]
+    hp = dataclasses.replace(hp, run_id=run_id)
+    log_path = Path(hp.log_dir) / f"{run_id}.txt"
+    log = RunLogger(log_path if runtime.master else None)
+    log(code, console=False)
+    log("=" * 100, console=False)
+    log(f"Running Python {sys.version.split()[0]}, PyTorch {torch.__version__}, device {device_name(runtime)}",
+        console=False)
+    log("resolved configuration:", console=False)
+    for name, value in dataclasses.asdict(hp).items():
+        log(f"  {name.upper()}={value}", console=False)
+    log("=" * 100, console=False)
+    log(f"run_id:{run_id} log:{log_path}")
+
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    sp = load_tokenizer(hp)
+    luts = build_sentencepiece_luts(sp, hp.vocab_size, runtime.device)
+    train_files = find_shards(hp.data_path, "train")
+    val_tokens = load_validation_tokens(find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
+                                        hp.val_max_tokens)
+    log(f"data:{Path(hp.data_path).resolve().name} train_shards:{len(train_files)} "
+        f"val_tokens:{val_tokens.numel() - 1} tokenizer:{hp.tokenizer_path}")
+
+    trainer = Trainer(hp, runtime, grad_accum_steps, train_files, log)
+    backbone_params = sum(p.numel() for p in trainer.model.parameters())
+    head_params = sum(p.numel() for p in trainer.head.parameters()) if trainer.head is not None else 0
+    log(f"model_params:{backbone_params} jepa_params:{head_params} "
+        f"target_encoder:{'ema' if trainer.target_encoder is not None else ('stop-grad online' if trainer.head else 'none')}")
+    log(f"device:{device_name(runtime)} world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} "
+        f"autocast:{runtime.autocast_dtype} compile:{runtime.compile}")
+    jepa_description = (f"jepa_mode:{hp.jepa_mode} jepa_weight:{hp.jepa_weight} d_latent:{hp.d_latent} "
+                        f"offsets:{hp.jepa_offsets} target_ema_decay:{hp.target_ema_decay} "
+                        f"anti_collapse:{hp.anti_collapse} on:{hp.regularised_side} layer:{hp.jepa_layer_index}"
+                        if hp.jepa_enabled else "jepa:off (JEPA_WEIGHT=0, vanilla baseline)")
+    log(jepa_description)
+    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
+        f"max_wallclock_seconds:{hp.max_wallclock_seconds} final_ema:{hp.final_ema_enabled()} seed:{hp.seed}")
+
+    if hp.warmup_steps > 0:
+        # Prime compilation and allocator on the real step function, then undo every effect.
+        saved = trainer.state_for_warmup()
+        for warmup_step in range(hp.warmup_steps):
+            trainer.step(warmup_step, 0.0)
+        trainer.restore_after_warmup(saved, train_files)
+        log(f"warmup: {hp.warmup_steps} compile-priming steps done and undone")
+
+    summary: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "config": dataclasses.asdict(hp),
+        "device": device_name(runtime), "world_size": runtime.world_size, "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0], "code_sha256": hashlib.sha256(code.encode("utf-8")).hexdigest(),
+        "code_bytes": code_bytes, "git_commit": git_commit(), "dataset": Path(hp.data_path).resolve().name,
+        "tokenizer": hp.tokenizer_path, "seed": hp.seed, "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "val_history": [], "train_history": [],
+    }
+    summary_path = Path(hp.log_dir) / f"{run_id}.json"
+
+    max_wallclock_ms = 1000.0 * hp.max_wallclock_seconds
+    train_ms = 0.0
+    step = 0
+    last_ce_weight = trainer.schedule.ce_weight(0, 0.0)
+    runtime.synchronize()
+    started = time.perf_counter()
+    stop_after: int | None = None
+    while True:
+        last_step = step == hp.iterations or (stop_after is not None and step >= stop_after)
+        if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0 and step > 0):
+            runtime.synchronize()
+            train_ms += 1000.0 * (time.perf_counter() - started)
+            val_loss, val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len,
+                                             hp.val_batch_size, luts, runtime)
+            log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            summary["val_history"].append({"step": step, "train_time_ms": round(train_ms, 1),
+                                           "val_loss": val_loss, "val_bpb": val_bpb})
+            runtime.synchronize()
+            started = time.perf_counter()
+        if last_step:
+            if stop_after is not None and step < hp.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
+            break
+
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - started)
+        if runtime.distributed and max_wallclock_ms > 0:
+            # Schedules and the stop decision must not differ between ranks: agree on the time.
+            elapsed = torch.tensor([elapsed_ms], device=runtime.device, dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            elapsed_ms = elapsed.item()
+        schedule = trainer.step(step, elapsed_ms)
+        if schedule["ce_weight"] != last_ce_weight:
+            log(f"curriculum: step {step}: CE weight {last_ce_weight:.0f} -> {schedule['ce_weight']:.0f} "
+                f"(JEPA_ONLY_FRACTION={hp.jepa_only_fraction})")
+            last_ce_weight = schedule["ce_weight"]
+        step += 1
+
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - started)
+        reached_cap = max_wallclock_ms > 0 and approx_ms >= max_wallclock_ms
+        if runtime.distributed and max_wallclock_ms > 0:
+            flag = torch.tensor([int(reached_cap)], device=runtime.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reached_cap = bool(flag.item())
+        if stop_after is None and reached_cap:
+            stop_after = step
+        if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or step == stop_after):
+            metrics = trainer.read_metrics()
+            rank_value = trainer.target_effective_rank() if "jepa_loss" in metrics else None
+            step_ms = approx_ms / step
+            remaining_steps_ms = (hp.iterations - step) * step_ms
+            remaining_ms = min(remaining_steps_ms, max_wallclock_ms - approx_ms) if max_wallclock_ms > 0 else remaining_steps_ms
+            log(format_train_line(step, hp, metrics, schedule, approx_ms, remaining_ms / 1000.0, rank_value))
+            if "tgt_std_mean" in metrics and min(metrics["tgt_std_mean"], metrics["pred_std_mean"]) < hp.collapse_std_floor:
+                log(f"warning: latent collapse at step {step}: pred_std {metrics['pred_std_mean']:.4f} "
+                    f"tgt_std {metrics['tgt_std_mean']:.4f} < COLLAPSE_STD_FLOOR={hp.collapse_std_floor}")
+            summary["train_history"].append({"step": step, "train_time_ms": round(approx_ms, 1), **metrics,
+                                             "jepa_weight": schedule["jepa_weight"]})
+
+    if runtime.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
+    summary.update(steps=step, train_time_ms=round(train_ms, 1), step_avg_ms=train_ms / max(step, 1))
+
+    # ---- final weights, pre-quantisation score ----
+    final_val_loss, final_val_bpb = summary["val_history"][-1]["val_loss"], summary["val_history"][-1]["val_bpb"]
+    if trainer.final_ema is not None:
+        with torch.no_grad():
+            for param, average in zip(trainer.model.parameters(), trainer.final_ema):
+                param.copy_(average.to(param.dtype))
+        final_val_loss, final_val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len,
+                                                     hp.val_batch_size, luts, runtime)
+        log(f"final_ema val_loss:{final_val_loss:.4f} val_bpb:{final_val_bpb:.4f} decay:{hp.final_ema_decay}")
+    summary.update(val_loss=final_val_loss, val_bpb=final_val_bpb)
+
+    # ---- export and roundtrip ----
+    artifact_path = Path(hp.artifact_path)
+    export_started = time.perf_counter()
+    export_error: str | None = None
+    if runtime.master:
+        try:
+            artifact = export_artifact(trainer.model, hp, code_bytes, log)
+            write_atomically(artifact_path, artifact)
+            log(f"Serialized model int6+lzma: {len(artifact)} bytes")
+            log(f"Code size: {code_bytes} bytes")
+            log(f"Total submission size int6+lzma: {len(artifact) + code_bytes} bytes "
+                f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
+        except ConfigError as error:
+            export_error = str(error)
+    if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
+        shared = [export_error]
+        dist.broadcast_object_list(shared, src=0)
+        export_error = shared[0]
+    if export_error is not None:
+        summary.update(status="export_failed", error=export_error,
+                       finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
+        if runtime.master:
+            write_summary(summary_path, summary)
+        raise ConfigError(export_error)
+    artifact_bytes = artifact_path.stat().st_size
+    result = evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log)
+    log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f} "
+        f"export_and_eval_time:{1000 * (time.perf_counter() - export_started):.0f}ms")
+    summary.update(result, artifact_path=str(artifact_path), artifact_bytes=artifact_bytes,
+                   total_bytes=artifact_bytes + code_bytes, artifact_budget_bytes=hp.artifact_budget_bytes,
+                   status="completed", finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    if runtime.master:
+        write_summary(summary_path, summary)
+        log(f"summary:{summary_path}")
+        log(f"final: val_bpb {final_val_bpb:.4f} (int6+lzma roundtrip {result['roundtrip_val_bpb']:.4f}) after "
+            f"{step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} bytes "
+            f"(artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
+
+
+def main() -> int:
+    try:
+        hp = load_hyperparameters()
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        grad_accum_steps = validate_hyperparameters(hp, world_size)
+        runtime = setup_runtime(hp)
+        try:
+            if hp.eval_only:
+                run_eval_only(hp, runtime)
+            else:
+                train(hp, runtime, grad_accum_steps)
+        finally:
+            if runtime.distributed and dist.is_initialized():
+                dist.destroy_process_group()
+    except ConfigError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
