@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import gc
 import glob
 import hashlib
 import io
@@ -152,7 +153,7 @@ class Hyperparameters:
     vicreg_cov_weight: float = 0.04  # VICReg off-diagonal covariance penalty
     sigreg_weight: float = 0.1  # SIGReg (LeJEPA) weight when ANTI_COLLAPSE=sigreg
     sigreg_slices: int = 256  # random 1-D projections tested against N(0, 1) per step
-    collapse_std_floor: float = 0.05  # a latent std below this on a log step is reported as collapse
+    collapse_std_floor: float = 0.1  # target latent std below this on a log step is reported as collapse (untrained: ~0.58)
 
     # ---- artifact ----
     artifact_path: str = "final_model.int6.ptz"  # written atomically by training, read by EVAL_ONLY
@@ -626,14 +627,16 @@ class PartialRotary(nn.Module):
     def __init__(self, rotary_dims: int, base: float):
         super().__init__()
         self.rotary_dims = rotary_dims
-        inverse_frequency = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.float32) / max(rotary_dims, 1)))
-        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+        self.base = base
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, heads, T, head_dim)
         if self.rotary_dims == 0:
             return x
+        # Recomputed per call rather than cached in a buffer: a few hundred flops that compile
+        # folds away, and a model without buffers has nothing for DDP to broadcast.
+        exponents = torch.arange(0, self.rotary_dims, 2, device=x.device, dtype=torch.float32) / self.rotary_dims
         positions = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inverse_frequency)  # (T, rotary_dims / 2)
+        angles = torch.outer(positions, 1.0 / self.base ** exponents)  # (T, rotary_dims / 2)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rotated, passthrough = x[..., :self.rotary_dims], x[..., self.rotary_dims:]
         half = self.rotary_dims // 2
@@ -989,23 +992,28 @@ class JepaHead(nn.Module):
         return prediction_loss, regulariser_loss, stats
 
 
-def sample_span_mask(batch: int, length: int, hp: Hyperparameters, generator: torch.Generator) -> Tensor:
-    """JEPA_NUM_SPANS non-overlapping spans per row, lengths ~ Geometric(mean JEPA_SPAN_MEAN)
-    clamped to [JEPA_SPAN_MIN, T / (2 * spans)]. Placement: draw the free space before each span
-    as sorted uniform points in [0, T - total length], then lay the spans out in order, so they
-    can touch but never overlap and always stay inside the row. Returns (batch, T) bool on CPU."""
+def sample_spans(batch: int, length: int, hp: Hyperparameters, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """JEPA_NUM_SPANS non-overlapping spans per row: lengths ~ Geometric(mean JEPA_SPAN_MEAN)
+    clamped to [JEPA_SPAN_MIN, T / (2 * spans)]; the free space before each span is a sorted
+    uniform draw in [0, T - total length], and the spans are laid out in order after it, so
+    they may touch but never overlap and always end inside the row. Returns (starts, lengths),
+    each (batch, spans) int64 on the CPU."""
     spans = hp.jepa_num_spans
     longest = length // (2 * spans)
-    success = 1.0 / max(hp.jepa_span_mean, 1.0)
+    success = 1.0 / hp.jepa_span_mean
     uniform = torch.rand(batch, spans, generator=generator).clamp_min(1e-12)
     if success >= 1.0:
         lengths = torch.ones(batch, spans, dtype=torch.int64)
-    else:
+    else:  # inverse CDF of the geometric distribution on {1, 2, ...}
         lengths = (torch.floor(torch.log(uniform) / math.log(1.0 - success)) + 1).to(torch.int64)
     lengths = lengths.clamp(hp.jepa_span_min, longest)
-    free = length - lengths.sum(dim=1, keepdim=True)  # >= T/2 by the clamp
+    free = length - lengths.sum(dim=1, keepdim=True)  # >= T / 2 thanks to the clamp
     gaps = torch.sort((torch.rand(batch, spans, generator=generator) * (free + 1)).floor().to(torch.int64), dim=1).values
     starts = gaps + F.pad(lengths.cumsum(dim=1)[:, :-1], (1, 0))
+    return starts, lengths
+
+
+def spans_to_mask(starts: Tensor, lengths: Tensor, length: int) -> Tensor:  # -> (batch, T) bool
     positions = torch.arange(length)
     inside = (positions >= starts.unsqueeze(-1)) & (positions < (starts + lengths).unsqueeze(-1))
     return inside.any(dim=1)
@@ -1462,8 +1470,7 @@ class Trainer:
         if self.head is not None and hp.target_ema_decay > 0:
             self.target_encoder = copy.deepcopy(self.model).requires_grad_(False)
         self.compiled_model = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
-        self.online = (DistributedDataParallel(self.compiled_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+        self.online = (DistributedDataParallel(self.compiled_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
                        if runtime.distributed else self.compiled_model)
         self.compiled_head = (torch.compile(self.head, dynamic=False, fullgraph=True)
                               if runtime.compile and self.head is not None else self.head)
@@ -1498,7 +1505,8 @@ class Trainer:
         online_inputs, token_mask = inputs, None
         if hp.jepa_mode == "span":
             # One forward over [unmasked rows for CE; masked copies for the JEPA context].
-            span_mask = sample_span_mask(jepa_rows, inputs.size(1), hp, self.span_generator).to(self.runtime.device)
+            starts, lengths = sample_spans(jepa_rows, inputs.size(1), hp, self.span_generator)
+            span_mask = spans_to_mask(starts, lengths, inputs.size(1)).to(self.runtime.device)
             online_inputs = torch.cat([inputs, inputs[:jepa_rows]])
             token_mask = torch.cat([torch.zeros_like(inputs, dtype=torch.bool), span_mask])
         grad_layer = hp.jepa_layer_index - hp.jepa_grad_layers + 1 if hp.jepa_grad_layers > 0 else None
@@ -1833,9 +1841,12 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
             remaining_steps_ms = (hp.iterations - step) * step_ms
             remaining_ms = min(remaining_steps_ms, max_wallclock_ms - approx_ms) if max_wallclock_ms > 0 else remaining_steps_ms
             log(format_train_line(step, hp, metrics, schedule, approx_ms, remaining_ms / 1000.0, rank_value))
-            if "tgt_std_mean" in metrics and min(metrics["tgt_std_mean"], metrics["pred_std_mean"]) < hp.collapse_std_floor:
-                log(f"warning: latent collapse at step {step}: pred_std {metrics['pred_std_mean']:.4f} "
-                    f"tgt_std {metrics['tgt_std_mean']:.4f} < COLLAPSE_STD_FLOOR={hp.collapse_std_floor}")
+            # Collapse is judged on the target side: MSE-optimal predictions are legitimately
+            # narrower than their targets, but shrinking targets make the objective trivial.
+            if "tgt_std_mean" in metrics and metrics["tgt_std_mean"] < hp.collapse_std_floor:
+                log(f"warning: latent collapse at step {step}: target latent std {metrics['tgt_std_mean']:.4f} "
+                    f"< COLLAPSE_STD_FLOOR={hp.collapse_std_floor} (pred_std {metrics['pred_std_mean']:.4f}); "
+                    f"an anti-collapse term (ANTI_COLLAPSE, VICREG_ON) or an EMA target prevents it")
             summary["train_history"].append({"step": step, "train_time_ms": round(approx_ms, 1), **metrics,
                                              "jepa_weight": schedule["jepa_weight"]})
 
@@ -1893,6 +1904,8 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
         log(f"final: val_bpb {final_val_bpb:.4f} (int6+lzma roundtrip {result['roundtrip_val_bpb']:.4f}) after "
             f"{step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} bytes "
             f"(artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
+    if runtime.distributed:
+        dist.barrier()  # no rank leaves while rank 0 still writes
 
 
 def main() -> int:
@@ -1908,6 +1921,9 @@ def main() -> int:
                 train(hp, runtime, grad_accum_steps)
         finally:
             if runtime.distributed and dist.is_initialized():
+                # DDP's reducer holds the process group: free it while Python is fully alive, or
+                # gloo's threads may abort the process during interpreter shutdown.
+                gc.collect()
                 dist.destroy_process_group()
     except ConfigError as error:
         if int(os.environ.get("RANK", "0")) == 0:

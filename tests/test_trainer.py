@@ -216,7 +216,7 @@ def test_two_process_gloo_run_matches_one_process_with_accumulation(tmp_path, ti
     single = run_trainer(tmp_path / "single", tiny_dataset, RUN_ID="single", GRAD_ACCUM_STEPS=2, **common)
     assert single.returncode == 0, single.stderr[-3000:]
     double = run_trainer(tmp_path / "double", tiny_dataset, nproc=2, RUN_ID="double", GRAD_ACCUM_STEPS=1, **common)
-    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.returncode == 0, (double.stdout[-2000:], double.stderr[-3000:])
     one = json.loads((tmp_path / "single" / "logs" / "single.json").read_text())
     two = json.loads((tmp_path / "double" / "logs" / "double.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
