@@ -24,12 +24,11 @@ import difflib
 import gc
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
 import os
-import random
+import signal
 import struct
 import subprocess
 import sys
@@ -165,6 +164,7 @@ class Hyperparameters:
     checkpoint_dir: str = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/<RUN_ID>/
     resume: str = ""  # auto (latest checkpoint of this RUN_ID) | a checkpoint path | empty
     nan_policy: str = "stop"  # stop (checkpoint and exit) | skip (drop the step and log it)
+    debug_nan_step: int = -1  # test hook: make the loss of this step (0-based) non-finite
 
     # ---- derived values ----
     @property
@@ -323,6 +323,9 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(1 <= hp.lzma_preset <= 9, f"LZMA_PRESET={hp.lzma_preset} must be between 1 and 9")
     _require(hp.nan_policy in ("stop", "skip"), f"NAN_POLICY={hp.nan_policy!r} must be stop or skip")
     _require(hp.artifact_budget_bytes > 0, f"ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} must be positive")
+    _require(hp.checkpoint_every >= 0, f"CHECKPOINT_EVERY={hp.checkpoint_every} must be >= 0 (0 = only on signals)")
+    _require(hp.resume != "auto" or bool(hp.run_id),
+             "RESUME=auto needs RUN_ID: the checkpoints of a run live in CHECKPOINT_DIR/<RUN_ID>/")
 
     grad_accum_steps = hp.grad_accum_steps
     if grad_accum_steps == 0:
@@ -453,8 +456,8 @@ DATA_FIX_HINT = ("download the official data (python3 data/cached_challenge_fine
                  "or build a local corpus (python3 data/build_local_corpus.py) and point DATA_PATH at it")
 
 
-def load_data_shard(path: Path, vocab_size: int | None = None) -> Tensor:
-    """Read one shard, checking its header and size; returns its tokens as uint16."""
+def check_shard_header(path: Path) -> int:
+    """Validate a shard's header and file size without reading its tokens; returns the count."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS:
         raise ConfigError(f"shard {path} is shorter than its 1024-byte header (truncated): rebuild or re-download it")
@@ -467,6 +470,12 @@ def load_data_shard(path: Path, vocab_size: int | None = None) -> Tensor:
     if actual_bytes != expected_bytes:
         raise ConfigError(f"shard {path} has {actual_bytes} bytes but its header promises {num_tokens} tokens "
                           f"({expected_bytes} bytes): truncated or corrupt; rebuild or re-download it")
+    return num_tokens
+
+
+def load_data_shard(path: Path, vocab_size: int | None = None) -> Tensor:
+    """Read one shard, checking its header, size and token range; returns its tokens as uint16."""
+    num_tokens = check_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=4 * SHARD_HEADER_INTS)
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
         raise ConfigError(f"shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: "
@@ -1450,6 +1459,23 @@ class LossTerms(NamedTuple):
     ce: Tensor
     prediction: Tensor | None  # None on vanilla and zero-JEPA-weight steps
     regulariser: Tensor | None
+    stats: Tensor | None  # JEPA diagnostics in JEPA_STAT_NAMES order
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss was NaN or infinite and NAN_POLICY=stop (or the weights themselves broke)."""
+
+    def __init__(self, step: int, terms: dict[str, float], weights_finite: bool):
+        super().__init__(step, terms, weights_finite)
+        self.step, self.terms, self.weights_finite = step, terms, weights_finite
+
+
+class RunFailure(Exception):
+    """The run cannot go on; main() prints one line and exits with status 1."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was written; main() exits with status 75 (temporary failure)."""
 
 
 class Trainer:
@@ -1459,6 +1485,7 @@ class Trainer:
     def __init__(self, hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int, train_files: list[Path],
                  log: RunLogger):
         self.hp, self.runtime, self.log = hp, runtime, log
+        self.train_files = train_files
         self.grad_accum_steps = grad_accum_steps
         self.local_batch_tokens = hp.train_batch_tokens // (runtime.world_size * grad_accum_steps)
         # The backbone is built first so its initial weights do not depend on JEPA settings:
@@ -1469,8 +1496,11 @@ class Trainer:
         self.target_encoder: GPT | None = None
         if self.head is not None and hp.target_ema_decay > 0:
             self.target_encoder = copy.deepcopy(self.model).requires_grad_(False)
+        # The same compilation for every path: the vanilla run compiles exactly what a JEPA run
+        # compiles for its backbone (the unfair A/B of public attempts compiled one side only).
         self.compiled_model = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
-        self.online = (DistributedDataParallel(self.compiled_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+        self.online = (DistributedDataParallel(self.compiled_model,
+                                               device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
                        if runtime.distributed else self.compiled_model)
         self.compiled_head = (torch.compile(self.head, dynamic=False, fullgraph=True)
                               if runtime.compile and self.head is not None else self.head)
@@ -1486,8 +1516,13 @@ class Trainer:
         self.loader = DistributedTokenLoader(train_files, hp.vocab_size, runtime.rank, runtime.world_size, runtime.device)
         self.span_generator = torch.Generator().manual_seed(hp.seed * 1000 + runtime.rank)
         self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
-        self.metric_sums = torch.zeros(2 + len(JEPA_STAT_NAMES), device=runtime.device)  # ce, total, stats
+        # Sums since the last log line, kept on the device: [total, ce, JEPA stats...].
+        self.metric_sums = torch.zeros(2 + len(JEPA_STAT_NAMES), device=runtime.device)
         self.metric_counts = torch.zeros(2, device=runtime.device)  # micro-steps, JEPA micro-steps
+        self.agreed_elapsed_ms = 0.0  # training time every rank agreed on at the last step
+        self.stop_requested = False  # set by the SIGTERM/SIGINT handler
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
 
     # ---- one micro-step ----
     def micro_step_losses(self, inputs: Tensor, targets: Tensor, ce_weight: float, jepa_weight: float,
@@ -1498,15 +1533,14 @@ class Trainer:
             # Vanilla path (and JEPA runs' zero-weight steps): no features, no target forward.
             with self.runtime.autocast():
                 ce_loss, _ = self.online(inputs, targets)
-            self.metric_sums[0] += ce_loss.detach()
-            return LossTerms(ce_weight * ce_loss, ce_loss, None, None)
+            return LossTerms(ce_weight * ce_loss, ce_loss, None, None, None)
         jepa_rows = max(1, round(inputs.size(0) * hp.jepa_target_fraction))
         span_mask = None
         online_inputs, token_mask = inputs, None
         if hp.jepa_mode == "span":
             # One forward over [unmasked rows for CE; masked copies for the JEPA context].
             starts, lengths = sample_spans(jepa_rows, inputs.size(1), hp, self.span_generator)
-            span_mask = spans_to_mask(starts, lengths, inputs.size(1)).to(self.runtime.device)
+            span_mask = spans_to_mask(starts, lengths, inputs.size(1)).to(self.runtime.device, non_blocking=True)
             online_inputs = torch.cat([inputs, inputs[:jepa_rows]])
             token_mask = torch.cat([torch.zeros_like(inputs, dtype=torch.bool), span_mask])
         grad_layer = hp.jepa_layer_index - hp.jepa_grad_layers + 1 if hp.jepa_grad_layers > 0 else None
@@ -1525,11 +1559,8 @@ class Trainer:
                         inputs[:jepa_rows], feature_layer=hp.jepa_layer_index, last_layer=hp.jepa_layer_index)
             prediction_loss, regulariser_loss, stats = self.compiled_head(
                 context, target_features, span_mask, sigreg_directions)
-        self.metric_sums[0] += ce_loss.detach()
-        self.metric_sums[2:] += stats
-        self.metric_counts[1] += 1
         total = ce_weight * ce_loss + jepa_weight * (prediction_loss + regulariser_loss)
-        return LossTerms(total, ce_loss, prediction_loss, regulariser_loss)
+        return LossTerms(total, ce_loss, prediction_loss, regulariser_loss, stats)
 
     def _sync_head_gradients(self) -> None:
         """DDP averages the backbone's gradients during backward; the JEPA head lives outside
@@ -1547,33 +1578,66 @@ class Trainer:
             param.grad = flat[offset:offset + param.numel()].view_as(param).clone()
             offset += param.numel()
 
-    def step(self, step: int, elapsed_ms: float) -> dict[str, float]:
-        """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the schedule values."""
+    def _agree(self, loss_sum: Tensor, elapsed_ms: Callable[[], float]) -> tuple[bool, bool]:
+        """The step's one host sync: every rank learns whether any rank's loss is non-finite or
+        any rank was asked to stop, and all adopt the largest elapsed training time, so that
+        schedules and stop decisions never differ between ranks. Called after the last
+        micro-step's forward and before its backward: the GPU waits only for one kernel launch."""
+        status = torch.tensor([0.0, float(self.stop_requested), elapsed_ms()], dtype=torch.float64,
+                              device=self.runtime.device)
+        status[0] = (~torch.isfinite(loss_sum)).to(torch.float64)
+        if self.runtime.distributed:
+            dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        nonfinite, stop, agreed_ms = status.tolist()
+        self.agreed_elapsed_ms = agreed_ms
+        return nonfinite > 0, stop > 0
+
+    def _sigreg_directions(self) -> Tensor | None:
+        if self.head is None or self.hp.anti_collapse != "sigreg":
+            return None
+        directions = torch.randn(self.hp.d_latent, self.hp.sigreg_slices, generator=self.sigreg_generator)
+        return F.normalize(directions, dim=0).to(self.runtime.device, non_blocking=True)
+
+    def step(self, step: int, elapsed_ms: Callable[[], float]) -> dict[str, Any]:
+        """One optimizer step over GRAD_ACCUM_STEPS micro-batches. Returns the schedule values
+        and whether the step was skipped (non-finite loss, NAN_POLICY=skip) or a stop was asked."""
         hp = self.hp
-        ce_weight = self.schedule.ce_weight(step, elapsed_ms)
-        jepa_weight = self.schedule.jepa_weight(step, elapsed_ms)
-        sigreg_directions = None
-        if self.head is not None and hp.anti_collapse == "sigreg":
-            directions = torch.randn(hp.d_latent, hp.sigreg_slices, generator=self.sigreg_generator)
-            sigreg_directions = F.normalize(directions, dim=0).to(self.runtime.device)
+        ce_weight = self.schedule.ce_weight(step, self.agreed_elapsed_ms)
+        jepa_weight = self.schedule.jepa_weight(step, self.agreed_elapsed_ms)
+        sigreg_directions = self._sigreg_directions()
+        sums = torch.zeros_like(self.metric_sums)  # this step's [total, ce, stats...] over micro-steps
+        jepa_micro_steps = 0
+        nonfinite = stop = False
         for micro_step in range(self.grad_accum_steps):
+            last = micro_step == self.grad_accum_steps - 1
             if self.runtime.distributed:
                 # Gradients are all-reduced only on the last micro-step; earlier ones accumulate locally.
-                self.online.require_backward_grad_sync = micro_step == self.grad_accum_steps - 1
+                self.online.require_backward_grad_sync = last
             inputs, targets = self.loader.next_batch(self.local_batch_tokens, hp.train_seq_len)
             self.last_inputs = inputs
             terms = self.micro_step_losses(inputs, targets, ce_weight, jepa_weight, sigreg_directions)
-            self.metric_sums[1] += terms.total.detach()
-            self.metric_counts[0] += 1
-            (terms.total / self.grad_accum_steps).backward()
+            total = terms.total * float("nan") if step == hp.debug_nan_step else terms.total
+            sums[0] += total.detach()
+            sums[1] += terms.ce.detach()
+            if terms.stats is not None:
+                sums[2:] += terms.stats
+                jepa_micro_steps += 1
+            if last:
+                nonfinite, stop = self._agree(sums[0], elapsed_ms)
+            # Even a non-finite last micro-step runs its backward: DDP has prepared its reduction
+            # in the forward and must complete it, or the next step's gradients would be wrong.
+            (total / self.grad_accum_steps).backward()
+        outcome = {"ce_weight": ce_weight, "jepa_weight": jepa_weight, "stop": stop, "skipped": False,
+                   "lr_multiplier": self.schedule.lr_multiplier(step, self.agreed_elapsed_ms)}
+        if nonfinite:
+            return self._skip_or_raise(step, sums, jepa_micro_steps, outcome)
+        self.consecutive_skips = 0
         self._sync_head_gradients()
-
         momentum_fraction = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
         muon_momentum = (1 - momentum_fraction) * hp.muon_momentum_warmup_start + momentum_fraction * hp.muon_momentum
-        lr_multiplier = self.schedule.lr_multiplier(step, elapsed_ms)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_multiplier
+                group["lr"] = group["base_lr"] * outcome["lr_multiplier"]
                 if isinstance(optimizer, Muon):
                     group["momentum"] = muon_momentum
         if hp.grad_clip_norm > 0:
@@ -1583,7 +1647,30 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.update_averages()
-        return {"ce_weight": ce_weight, "jepa_weight": jepa_weight, "lr_multiplier": lr_multiplier}
+        self.metric_sums += sums
+        self.metric_counts += torch.tensor([self.grad_accum_steps, jepa_micro_steps], device=self.runtime.device)
+        return outcome
+
+    def _skip_or_raise(self, step: int, sums: Tensor, jepa_micro_steps: int, outcome: dict[str, Any]) -> dict[str, Any]:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        values = sums.tolist()
+        terms = {"total_loss": values[0] / self.grad_accum_steps, "ce_loss": values[1] / self.grad_accum_steps}
+        if jepa_micro_steps:
+            terms.update(jepa_loss=values[2] / jepa_micro_steps, reg_loss=values[3] / jepa_micro_steps)
+        weights_finite = self.weights_finite()
+        self.consecutive_skips += 1
+        if self.hp.nan_policy == "skip" and weights_finite and self.consecutive_skips <= MAX_CONSECUTIVE_SKIPS:
+            self.skipped_steps += 1
+            return {**outcome, "skipped": True, "terms": terms}
+        raise NonFiniteLoss(step, terms, weights_finite)
+
+    def weights_finite(self) -> bool:
+        flags = torch.stack([torch.isfinite(p).all() for p in self.parameters])
+        if self.runtime.distributed:
+            flags = flags.all().to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return bool(flags.all().item())
 
     @torch.no_grad()
     def update_averages(self) -> None:
@@ -1596,7 +1683,7 @@ class Trainer:
             ema_update(self.final_ema, [p.detach().float() for p in online], self.hp.final_ema_decay)
 
     def read_metrics(self) -> dict[str, float]:
-        """Averages since the last call; the only host sync of the training loop's log steps."""
+        """Averages since the last call (a host sync, on log steps only)."""
         sums, counts = self.metric_sums.clone(), self.metric_counts.clone()
         if self.runtime.distributed:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
@@ -1604,7 +1691,7 @@ class Trainer:
         sums, counts = sums.tolist(), counts.tolist()
         self.metric_sums.zero_()
         self.metric_counts.zero_()
-        metrics = {"train_loss": sums[0] / max(counts[0], 1), "total_loss": sums[1] / max(counts[0], 1)}
+        metrics = {"train_loss": sums[1] / max(counts[0], 1), "total_loss": sums[0] / max(counts[0], 1)}
         if counts[1] > 0:
             metrics.update({name: value / counts[1] for name, value in zip(JEPA_STAT_NAMES, sums[2:])})
         return metrics
@@ -1619,27 +1706,159 @@ class Trainer:
             z_target = self.head.target_projection(rms_norm(features))
         return effective_rank(z_target).item()
 
-    def state_for_warmup(self) -> tuple[dict[str, Tensor], list[dict], dict | None]:
-        return (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
-                copy.deepcopy(self.head.state_dict()) if self.head is not None else None)
-
-    def restore_after_warmup(self, saved: tuple[dict[str, Tensor], list[dict], dict | None], train_files: list[Path]) -> None:
-        model_state, optimizer_states, head_state = saved
-        self.model.load_state_dict(model_state)
-        for optimizer, state in zip(self.optimizers, optimizer_states):
-            optimizer.load_state_dict(state)
-        if self.head is not None:
-            self.head.load_state_dict(head_state)
-        if self.target_encoder is not None:
-            self.target_encoder.load_state_dict(model_state)
-        if self.final_ema is not None:
-            self.final_ema = [p.detach().clone().float() for p in self.model.parameters()]
-        self.loader = DistributedTokenLoader(train_files, self.hp.vocab_size, self.runtime.rank,
+    def reset_stream_state(self) -> None:
+        """Data position, random generators and metric sums as at step 0."""
+        self.loader = DistributedTokenLoader(self.train_files, self.hp.vocab_size, self.runtime.rank,
                                              self.runtime.world_size, self.runtime.device)
         self.span_generator.manual_seed(self.hp.seed * 1000 + self.runtime.rank)
         self.sigreg_generator.manual_seed(self.hp.seed * 1000 + 999)
         self.metric_sums.zero_()
         self.metric_counts.zero_()
+
+    def modules_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "head": self.head.state_dict() if self.head is not None else None,
+            "target_encoder": self.target_encoder.state_dict() if self.target_encoder is not None else None,
+            "final_ema": self.final_ema,
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+        }
+
+    def load_modules_state(self, state: dict[str, Any]) -> None:
+        device = self.runtime.device
+        self.model.load_state_dict(state["model"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        if self.target_encoder is not None:
+            self.target_encoder.load_state_dict(state["target_encoder"])
+        if self.final_ema is not None:
+            self.final_ema = [tensor.to(device=device, dtype=torch.float32).clone() for tensor in state["final_ema"]]
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(optimizer_state)
+
+
+MAX_CONSECUTIVE_SKIPS = 20  # NAN_POLICY=skip gives up after this many non-finite steps in a row
+
+
+# =============================================================================
+# CHECKPOINTS: resumable state, written atomically by rank 0
+# =============================================================================
+# A checkpoint holds everything a bit-exact continuation needs: weights, head, target encoder,
+# final-weights EMA, every optimizer state (Muon's momentum is sharded across ranks and gathered
+# here), the step, the training time so far, the data position, the random generators, the
+# metric sums of the unfinished log interval and the histories of the summary.
+
+# Settings that may change between a run and its resumption; any other difference is refused.
+RESUME_MAY_DIFFER = {"resume", "run_id", "checkpoint_every", "checkpoint_dir", "log_dir", "train_log_every",
+                     "val_loss_every", "artifact_path", "nan_policy", "data_path", "tokenizer_path",
+                     "debug_nan_step", "eval_stride"}
+
+
+def checkpoint_folder(hp: Hyperparameters) -> Path:
+    return Path(hp.checkpoint_dir) / hp.run_id
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+def save_checkpoint(trainer: Trainer, step: int, train_ms: float, extra: dict[str, Any], log: RunLogger) -> Path:
+    """Collective: every rank calls it (ranks hold different Muon shards and span generators);
+    rank 0 writes CHECKPOINT_DIR/<RUN_ID>/step_NNNNNN.pt atomically and removes older ones."""
+    runtime, hp = trainer.runtime, trainer.hp
+    if runtime.distributed:  # fold every rank's unlogged metric sums into rank 0's, which is saved
+        dist.all_reduce(trainer.metric_sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(trainer.metric_counts, op=dist.ReduceOp.SUM)
+        if not runtime.master:
+            trainer.metric_sums.zero_()
+            trainer.metric_counts.zero_()
+    state = _to_cpu(trainer.modules_state())
+    rank_local = {"muon": state["optimizers"][0]["state"], "span_generator": trainer.span_generator.get_state()}
+    per_rank = [rank_local]
+    if runtime.distributed:
+        per_rank = [None] * runtime.world_size if runtime.master else None
+        dist.gather_object(rank_local, per_rank, dst=0)
+    path = checkpoint_folder(hp) / f"step_{step:06d}.pt"
+    if runtime.master:
+        for shard in per_rank:  # Muon parameter i has state on rank i % WORLD_SIZE only
+            state["optimizers"][0]["state"].update(shard["muon"])
+        checkpoint = {
+            "format": 1, "config": dataclasses.asdict(hp), "step": step, "train_ms": train_ms,
+            "world_size": runtime.world_size, **state,
+            "span_generators": [shard["span_generator"] for shard in per_rank],
+            "sigreg_generator": trainer.sigreg_generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "loader": trainer.loader.stream.state(),
+            "metric_sums": trainer.metric_sums.cpu(), "metric_counts": trainer.metric_counts.cpu(),
+            "agreed_elapsed_ms": trainer.agreed_elapsed_ms, "skipped_steps": trainer.skipped_steps, **extra,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+        for older in path.parent.glob("step_*.pt"):
+            if older != path:
+                older.unlink()
+        log(f"checkpoint: {path} (step {step}, {path.stat().st_size / 2**20:.1f} MiB)")
+    if runtime.distributed:
+        dist.barrier()
+    return path
+
+
+def find_resume_checkpoint(hp: Hyperparameters, log: RunLogger) -> Path | None:
+    if not hp.resume:
+        return None
+    if hp.resume != "auto":
+        path = Path(hp.resume)
+        if not path.is_file():
+            raise ConfigError(f"RESUME={hp.resume}: no such checkpoint file (use RESUME=auto to take the latest "
+                              f"of RUN_ID's folder under CHECKPOINT_DIR)")
+        return path
+    candidates = sorted(checkpoint_folder(hp).glob("step_*.pt"))
+    if not candidates:
+        log(f"resume: no checkpoint under {checkpoint_folder(hp)}, starting from step 0")
+        return None
+    return candidates[-1]
+
+
+def load_checkpoint(path: Path, trainer: Trainer) -> dict[str, Any]:
+    """Restore a checkpoint into the trainer (on every rank); returns the checkpoint's dict."""
+    hp, runtime = trainer.hp, trainer.runtime
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a torn or foreign file: say which and why, in one line
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}): delete it or name another "
+                          f"with RESUME=PATH") from None
+    saved, current = checkpoint["config"], dataclasses.asdict(hp)
+    differing = [name for name in current if name not in RESUME_MAY_DIFFER and saved.get(name) != current[name]]
+    if differing:
+        listed = ", ".join(f"{name.upper()}={current[name]!r} (checkpoint: {saved.get(name)!r})" for name in differing)
+        raise ConfigError(f"checkpoint {path} comes from a different configuration: {listed}; restore those settings "
+                          f"or start a fresh run (another RUN_ID, or RESUME unset)")
+    trainer.load_modules_state(checkpoint)
+    muon = trainer.optimizers[0]
+    for index, param in enumerate(muon.param_groups[0]["params"]):  # keep only this rank's Muon shard
+        if index % runtime.world_size != runtime.rank:
+            muon.state.pop(param, None)
+    span_states = checkpoint["span_generators"]
+    if checkpoint["world_size"] == runtime.world_size:
+        trainer.span_generator.set_state(span_states[runtime.rank])
+    else:  # another world size: span masks continue from a fresh, still deterministic stream
+        trainer.span_generator.manual_seed(hp.seed * 1000 + runtime.rank + 7919 * checkpoint["step"])
+    trainer.sigreg_generator.set_state(checkpoint["sigreg_generator"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    trainer.loader.stream.restore(checkpoint["loader"])
+    if runtime.master:  # rank 0 saved the sums of all ranks
+        trainer.metric_sums.copy_(checkpoint["metric_sums"])
+        trainer.metric_counts.copy_(checkpoint["metric_counts"])
+    trainer.agreed_elapsed_ms = checkpoint["agreed_elapsed_ms"]
+    trainer.skipped_steps = checkpoint["skipped_steps"]
+    return checkpoint
 
 
 # =============================================================================
@@ -1724,6 +1943,30 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_atomically(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+class TrainingClock:
+    """Training time in milliseconds, paused (after a device sync) while evaluating or saving:
+    the wall-clock cap counts training only, as in parameter-golf."""
+
+    def __init__(self, runtime: Runtime, offset_ms: float = 0.0):
+        self.runtime = runtime
+        self.accumulated_ms = offset_ms
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.runtime.synchronize()
+        self.started = time.perf_counter()
+
+    def pause(self) -> float:
+        self.runtime.synchronize()
+        self.accumulated_ms = self.elapsed_ms()
+        self.started = None
+        return self.accumulated_ms
+
+    def elapsed_ms(self) -> float:
+        running = 1000.0 * (time.perf_counter() - self.started) if self.started is not None else 0.0
+        return self.accumulated_ms + running
+
+
 def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     code = Path(__file__).read_text(encoding="utf-8")
     code_bytes = len(code.encode("utf-8"))
@@ -1745,37 +1988,36 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     log("=" * 100, console=False)
     log(f"run_id:{run_id} log:{log_path}")
 
-    random.seed(hp.seed)
-    np.random.seed(hp.seed)
+    # ---- data ----
     sp = load_tokenizer(hp)
     luts = build_sentencepiece_luts(sp, hp.vocab_size, runtime.device)
-    train_files = find_shards(hp.data_path, "train")
-    val_tokens = load_validation_tokens(find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
-                                        hp.val_max_tokens)
+    train_files, val_files = find_shards(hp.data_path, "train"), find_shards(hp.data_path, "val")
+    for path in train_files:  # headers and sizes now: a bad shard must not surface hours into the run
+        check_shard_header(path)
+    val_tokens = load_validation_tokens(val_files, hp.train_seq_len, hp.vocab_size, hp.val_max_tokens)
     log(f"data:{Path(hp.data_path).resolve().name} train_shards:{len(train_files)} "
         f"val_tokens:{val_tokens.numel() - 1} tokenizer:{hp.tokenizer_path}")
 
+    # ---- model ----
     trainer = Trainer(hp, runtime, grad_accum_steps, train_files, log)
     backbone_params = sum(p.numel() for p in trainer.model.parameters())
     head_params = sum(p.numel() for p in trainer.head.parameters()) if trainer.head is not None else 0
-    log(f"model_params:{backbone_params} jepa_params:{head_params} "
-        f"target_encoder:{'ema' if trainer.target_encoder is not None else ('stop-grad online' if trainer.head else 'none')}")
+    target_kind = "ema" if trainer.target_encoder is not None else ("stop-grad online" if trainer.head else "none")
+    log(f"model_params:{backbone_params} jepa_params:{head_params} target_encoder:{target_kind}")
     log(f"device:{device_name(runtime)} world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} "
         f"autocast:{runtime.autocast_dtype} compile:{runtime.compile}")
-    jepa_description = (f"jepa_mode:{hp.jepa_mode} jepa_weight:{hp.jepa_weight} d_latent:{hp.d_latent} "
-                        f"offsets:{hp.jepa_offsets} target_ema_decay:{hp.target_ema_decay} "
-                        f"anti_collapse:{hp.anti_collapse} on:{hp.regularised_side} layer:{hp.jepa_layer_index}"
-                        if hp.jepa_enabled else "jepa:off (JEPA_WEIGHT=0, vanilla baseline)")
-    log(jepa_description)
+    log(f"jepa_mode:{hp.jepa_mode} jepa_weight:{hp.jepa_weight} d_latent:{hp.d_latent} offsets:{hp.jepa_offsets} "
+        f"target_ema_decay:{hp.target_ema_decay} anti_collapse:{hp.anti_collapse} on:{hp.regularised_side} "
+        f"layer:{hp.jepa_layer_index}" if hp.jepa_enabled else "jepa:off (JEPA_WEIGHT=0, vanilla baseline)")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"max_wallclock_seconds:{hp.max_wallclock_seconds} final_ema:{hp.final_ema_enabled()} seed:{hp.seed}")
-
     if hp.warmup_steps > 0:
-        # Prime compilation and allocator on the real step function, then undo every effect.
-        saved = trainer.state_for_warmup()
+        # Prime compilation and the allocator on the real step function, then undo every effect.
+        saved = copy.deepcopy(trainer.modules_state())
         for warmup_step in range(hp.warmup_steps):
-            trainer.step(warmup_step, 0.0)
-        trainer.restore_after_warmup(saved, train_files)
+            trainer.step(warmup_step, lambda: 0.0)
+        trainer.load_modules_state(saved)
+        trainer.reset_stream_state()
         log(f"warmup: {hp.warmup_steps} compile-priming steps done and undone")
 
     summary: dict[str, Any] = {
@@ -1783,80 +2025,132 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
         "device": device_name(runtime), "world_size": runtime.world_size, "torch_version": torch.__version__,
         "python_version": sys.version.split()[0], "code_sha256": hashlib.sha256(code.encode("utf-8")).hexdigest(),
         "code_bytes": code_bytes, "git_commit": git_commit(), "dataset": Path(hp.data_path).resolve().name,
-        "tokenizer": hp.tokenizer_path, "seed": hp.seed, "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "val_history": [], "train_history": [],
+        "tokenizer": hp.tokenizer_path, "seed": hp.seed,
+        "started_at": datetime.datetime.now().isoformat(timespec="seconds"), "val_history": [], "train_history": [],
     }
     summary_path = Path(hp.log_dir) / f"{run_id}.json"
 
+    def finish_summary(status: str, **fields: Any) -> None:
+        summary.update(status=status, finished_at=datetime.datetime.now().isoformat(timespec="seconds"), **fields)
+        if runtime.master:
+            write_summary(summary_path, summary)
+
+    # ---- resume ----
+    step, clock_offset_ms, eval_ms_total = 0, 0.0, 0.0
+    resume_path = find_resume_checkpoint(hp, log)
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path, trainer)
+        step, clock_offset_ms, eval_ms_total = checkpoint["step"], checkpoint["train_ms"], checkpoint["eval_ms"]
+        summary.update(val_history=checkpoint["val_history"], train_history=checkpoint["train_history"],
+                       resumed_from=str(resume_path))
+        log(f"resume: {resume_path} at step {step}, train_time {clock_offset_ms:.0f}ms")
+        del checkpoint
+
+    def checkpoint_extra() -> dict[str, Any]:
+        return {"val_history": summary["val_history"], "train_history": summary["train_history"],
+                "eval_ms": eval_ms_total}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True  # acted on at the next step, identically on every rank
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    # ---- training loop ----
     max_wallclock_ms = 1000.0 * hp.max_wallclock_seconds
-    train_ms = 0.0
-    step = 0
-    last_ce_weight = trainer.schedule.ce_weight(0, 0.0)
-    runtime.synchronize()
-    started = time.perf_counter()
+    clock = TrainingClock(runtime, clock_offset_ms)
+    last_ce_weight = trainer.schedule.ce_weight(step, trainer.agreed_elapsed_ms)
     stop_after: int | None = None
-    while True:
-        last_step = step == hp.iterations or (stop_after is not None and step >= stop_after)
-        if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0 and step > 0):
-            runtime.synchronize()
-            train_ms += 1000.0 * (time.perf_counter() - started)
-            val_loss, val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len,
-                                             hp.val_batch_size, luts, runtime)
-            log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            summary["val_history"].append({"step": step, "train_time_ms": round(train_ms, 1),
-                                           "val_loss": val_loss, "val_bpb": val_bpb})
-            runtime.synchronize()
-            started = time.perf_counter()
-        if last_step:
-            if stop_after is not None and step < hp.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
-            break
+    last_checkpoint: Path | None = resume_path
+    clock.start()
+    try:
+        while True:
+            last_step = step >= hp.iterations or (stop_after is not None and step >= stop_after)
+            already_validated = bool(summary["val_history"]) and summary["val_history"][-1]["step"] == step
+            if (last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0 and step > 0)) and not already_validated:
+                train_ms = clock.pause()
+                eval_started = time.perf_counter()
+                val_loss, val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len,
+                                                 hp.val_batch_size, luts, runtime)
+                eval_ms = 1000.0 * (time.perf_counter() - eval_started)
+                eval_ms_total += eval_ms
+                log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+                summary["val_history"].append({"step": step, "train_time_ms": round(train_ms, 1),
+                                               "val_loss": val_loss, "val_bpb": val_bpb})
+                clock.start()
+            if last_step:
+                if stop_after is not None and step < hp.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms():.0f}ms step:{step}/{hp.iterations}")
+                break
 
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - started)
-        if runtime.distributed and max_wallclock_ms > 0:
-            # Schedules and the stop decision must not differ between ranks: agree on the time.
-            elapsed = torch.tensor([elapsed_ms], device=runtime.device, dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            elapsed_ms = elapsed.item()
-        schedule = trainer.step(step, elapsed_ms)
-        if schedule["ce_weight"] != last_ce_weight:
-            log(f"curriculum: step {step}: CE weight {last_ce_weight:.0f} -> {schedule['ce_weight']:.0f} "
-                f"(JEPA_ONLY_FRACTION={hp.jepa_only_fraction})")
-            last_ce_weight = schedule["ce_weight"]
-        step += 1
-
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - started)
-        reached_cap = max_wallclock_ms > 0 and approx_ms >= max_wallclock_ms
-        if runtime.distributed and max_wallclock_ms > 0:
-            flag = torch.tensor([int(reached_cap)], device=runtime.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached_cap = bool(flag.item())
-        if stop_after is None and reached_cap:
-            stop_after = step
-        if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or step == stop_after):
-            metrics = trainer.read_metrics()
-            rank_value = trainer.target_effective_rank() if "jepa_loss" in metrics else None
-            step_ms = approx_ms / step
-            remaining_steps_ms = (hp.iterations - step) * step_ms
-            remaining_ms = min(remaining_steps_ms, max_wallclock_ms - approx_ms) if max_wallclock_ms > 0 else remaining_steps_ms
-            log(format_train_line(step, hp, metrics, schedule, approx_ms, remaining_ms / 1000.0, rank_value))
-            # Collapse is judged on the target side: MSE-optimal predictions are legitimately
-            # narrower than their targets, but shrinking targets make the objective trivial.
-            if "tgt_std_mean" in metrics and metrics["tgt_std_mean"] < hp.collapse_std_floor:
-                log(f"warning: latent collapse at step {step}: target latent std {metrics['tgt_std_mean']:.4f} "
-                    f"< COLLAPSE_STD_FLOOR={hp.collapse_std_floor} (pred_std {metrics['pred_std_mean']:.4f}); "
-                    f"an anti-collapse term (ANTI_COLLAPSE, VICREG_ON) or an EMA target prevents it")
-            summary["train_history"].append({"step": step, "train_time_ms": round(approx_ms, 1), **metrics,
-                                             "jepa_weight": schedule["jepa_weight"]})
+            try:
+                outcome = trainer.step(step, clock.elapsed_ms)
+            except NonFiniteLoss as failure:
+                train_ms = clock.pause()
+                terms = " ".join(f"{name}={value:.4g}" for name, value in failure.terms.items())
+                if failure.weights_finite:
+                    last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)
+                    where = f"checkpoint of the weights before it: {last_checkpoint}"
+                else:
+                    where = (f"the weights themselves are non-finite; last good checkpoint: "
+                             f"{last_checkpoint or 'none (set CHECKPOINT_EVERY)'}")
+                message = (f"non-finite loss at step {step + 1}: {terms}; {where}. Nothing was exported. Lower the "
+                           f"learning rates or JEPA_WEIGHT in a new run, or resume with NAN_POLICY=skip")
+                finish_summary("nonfinite_loss", steps=step, error=message, train_time_ms=round(train_ms, 1))
+                raise RunFailure(message) from None
+            step += 1
+            if outcome["skipped"]:
+                terms = " ".join(f"{name}={value:.4g}" for name, value in outcome["terms"].items())
+                log(f"step:{step}/{hp.iterations} skipped: non-finite loss ({terms}), NAN_POLICY=skip, "
+                    f"{trainer.skipped_steps} skipped so far")
+            if outcome["ce_weight"] != last_ce_weight:
+                log(f"curriculum: step {step - 1}: CE weight {last_ce_weight:.0f} -> {outcome['ce_weight']:.0f} "
+                    f"(JEPA_ONLY_FRACTION={hp.jepa_only_fraction})")
+                last_ce_weight = outcome["ce_weight"]
+            if max_wallclock_ms > 0 and stop_after is None and trainer.agreed_elapsed_ms >= max_wallclock_ms:
+                stop_after = step
+            if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or step == stop_after):
+                approx_ms = clock.elapsed_ms()
+                metrics = trainer.read_metrics()
+                rank_value = trainer.target_effective_rank() if "jepa_loss" in metrics else None
+                remaining_ms = (hp.iterations - step) * (approx_ms / step)
+                if max_wallclock_ms > 0:
+                    remaining_ms = min(remaining_ms, max(max_wallclock_ms - approx_ms, 0.0))
+                log(format_train_line(step, hp, metrics, outcome, approx_ms, remaining_ms / 1000.0, rank_value))
+                # Collapse is judged on the target side: MSE-optimal predictions are legitimately
+                # narrower than their targets, but shrinking targets make the objective trivial.
+                if "tgt_std_mean" in metrics and metrics["tgt_std_mean"] < hp.collapse_std_floor:
+                    log(f"warning: latent collapse at step {step}: target latent std {metrics['tgt_std_mean']:.4f} "
+                        f"< COLLAPSE_STD_FLOOR={hp.collapse_std_floor} (pred_std {metrics['pred_std_mean']:.4f}); "
+                        f"an anti-collapse term (ANTI_COLLAPSE, VICREG_ON) or an EMA target prevents it")
+                summary["train_history"].append({"step": step, "train_time_ms": round(approx_ms, 1), **metrics,
+                                                 "jepa_weight": outcome["jepa_weight"]})
+            if outcome["stop"]:
+                train_ms = clock.pause()
+                last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)
+                message = (f"stopped by a signal after step {step}: checkpoint {last_checkpoint}; continue with "
+                           f"RESUME=auto RUN_ID={run_id}")
+                log(message)
+                finish_summary("interrupted", steps=step, checkpoint=str(last_checkpoint), train_time_ms=round(train_ms, 1))
+                raise RunInterrupted(message)
+            if hp.checkpoint_every > 0 and step % hp.checkpoint_every == 0 and step < hp.iterations and step != stop_after:
+                train_ms = clock.pause()
+                last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)
+                clock.start()
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    train_ms = clock.pause()
 
     if runtime.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
-    summary.update(steps=step, train_time_ms=round(train_ms, 1), step_avg_ms=train_ms / max(step, 1))
+    summary.update(steps=step, train_time_ms=round(train_ms, 1), step_avg_ms=train_ms / max(step, 1),
+                   skipped_steps=trainer.skipped_steps, eval_time_ms=round(eval_ms_total, 1))
 
     # ---- final weights, pre-quantisation score ----
+    final_started = time.perf_counter()
     final_val_loss, final_val_bpb = summary["val_history"][-1]["val_loss"], summary["val_history"][-1]["val_bpb"]
     if trainer.final_ema is not None:
         with torch.no_grad():
@@ -1866,6 +2160,10 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
                                                      hp.val_batch_size, luts, runtime)
         log(f"final_ema val_loss:{final_val_loss:.4f} val_bpb:{final_val_bpb:.4f} decay:{hp.final_ema_decay}")
     summary.update(val_loss=final_val_loss, val_bpb=final_val_bpb)
+    if not trainer.weights_finite():
+        message = "the final weights are non-finite: nothing was exported (a NaN model is never written)"
+        finish_summary("nonfinite_weights", error=message)
+        raise RunFailure(message)
 
     # ---- export and roundtrip ----
     artifact_path = Path(hp.artifact_path)
@@ -1885,25 +2183,26 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
         shared = [export_error]
         dist.broadcast_object_list(shared, src=0)
         export_error = shared[0]
+    export_ms = 1000.0 * (time.perf_counter() - export_started)
     if export_error is not None:
-        summary.update(status="export_failed", error=export_error,
-                       finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
-        if runtime.master:
-            write_summary(summary_path, summary)
+        finish_summary("export_failed", error=export_error)
         raise ConfigError(export_error)
     artifact_bytes = artifact_path.stat().st_size
+    roundtrip_started = time.perf_counter()
     result = evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log)
-    log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f} "
-        f"export_and_eval_time:{1000 * (time.perf_counter() - export_started):.0f}ms")
+    roundtrip_ms = 1000.0 * (time.perf_counter() - roundtrip_started)
+    log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f}")
+    log(f"timing: train {train_ms / 1000:.1f}s, validation {eval_ms_total / 1000:.1f}s, "
+        f"final weights and eval {(export_started - final_started):.1f}s, export {export_ms / 1000:.1f}s, "
+        f"roundtrip eval {roundtrip_ms / 1000:.1f}s")
     summary.update(result, artifact_path=str(artifact_path), artifact_bytes=artifact_bytes,
                    total_bytes=artifact_bytes + code_bytes, artifact_budget_bytes=hp.artifact_budget_bytes,
-                   status="completed", finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
-    if runtime.master:
-        write_summary(summary_path, summary)
-        log(f"summary:{summary_path}")
-        log(f"final: val_bpb {final_val_bpb:.4f} (int6+lzma roundtrip {result['roundtrip_val_bpb']:.4f}) after "
-            f"{step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} bytes "
-            f"(artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
+                   export_time_ms=round(export_ms, 1), roundtrip_eval_time_ms=round(roundtrip_ms, 1))
+    finish_summary("completed")
+    log(f"summary:{summary_path}")
+    log(f"final: val_bpb {final_val_bpb:.4f} (int6+lzma roundtrip {result['roundtrip_val_bpb']:.4f}) after "
+        f"{step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} bytes "
+        f"(artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
     if runtime.distributed:
         dist.barrier()  # no rank leaves while rank 0 still writes
 
@@ -1925,10 +2224,11 @@ def main() -> int:
                 # gloo's threads may abort the process during interpreter shutdown.
                 gc.collect()
                 dist.destroy_process_group()
-    except ConfigError as error:
+    except (ConfigError, RunFailure, RunInterrupted) as error:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+            prefix = "stopped" if isinstance(error, RunInterrupted) else "error"
+            print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+        return {ConfigError: 2, RunFailure: 1, RunInterrupted: 75}[type(error)]
     return 0
 
 

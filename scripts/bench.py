@@ -67,7 +67,7 @@ def time_steps(trainer: trainer_module.Trainer, first_step: int, steps: int) -> 
     trainer.runtime.synchronize()
     started = time.perf_counter()
     for offset in range(steps):
-        trainer.step(first_step + offset, elapsed_ms=0.0)
+        trainer.step(first_step + offset, lambda: 0.0)
     trainer.runtime.synchronize()
     return 1000.0 * (time.perf_counter() - started) / steps
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         environ = {**base, **PATHS[name], **extra, "DATA_PATH": data_path}
         trainer = build_trainer(environ, data_path)
         for step in range(args.warmup):
-            trainer.step(step, elapsed_ms=0.0)
+            trainer.step(step, lambda: 0.0)
         trainers[name] = trainer
     runtime = next(iter(trainers.values())).runtime
     timings: dict[str, list[float]] = {name: [] for name in names}

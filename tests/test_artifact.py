@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
+
 
 import pytest
 import torch
@@ -90,7 +89,7 @@ def test_storage_classes_follow_module_types(tiny_dataset):
 def test_roundtrip_logits_equal_hand_dequantised_weights(tiny_dataset, tmp_path):
     trainer = make_trainer(tiny_dataset, JEPA_WEIGHT=0.1)
     for step in range(3):
-        trainer.step(step, 0.0)
+        trainer.step(step, lambda: 0.0)
     hp = trainer.hp
     path = tmp_path / "model.ptz"
     T.write_atomically(path, T.export_artifact(trainer.model, hp, code_bytes=0, log=lambda m: None))
@@ -187,7 +186,7 @@ def test_damaged_artifacts_give_one_clear_line(trained_run, tmp_path, damage):
 def test_a_tight_budget_lowers_precision_and_fits(tiny_dataset, tmp_path):
     trainer = make_trainer(tiny_dataset)
     for step in range(3):
-        trainer.step(step, 0.0)
+        trainer.step(step, lambda: 0.0)
     hp = trainer.hp
     default_size = len(T.export_artifact(trainer.model, hp, code_bytes=0, log=lambda m: None))
     budget = int(default_size * 0.9)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +83,7 @@ def test_target_encoder_gets_no_gradient_and_follows_the_ema_formula(tiny_datase
     target = trainer.target_encoder
     assert target is not None and all(not p.requires_grad for p in target.parameters())
     target_before = [p.detach().clone() for p in target.parameters()]
-    trainer.step(step=0, elapsed_ms=0.0)
+    trainer.step(0, lambda: 0.0)
     online_after = [p.detach().clone() for p in trainer.model.parameters()]
     assert all(p.grad is None for p in target.parameters())
     for ema, old, online in zip(target.parameters(), target_before, online_after):
@@ -116,7 +115,7 @@ def test_predictor_projections_and_every_block_weight_change(tiny_dataset):
     watched.update({n: p for n, p in trainer.model.named_parameters() if n.startswith("blocks.")})
     before = {name: p.detach().clone() for name, p in watched.items()}
     for step in range(3):
-        trainer.step(step, elapsed_ms=0.0)
+        trainer.step(step, lambda: 0.0)
     unchanged = [name for name, p in watched.items() if torch.equal(p, before[name])]
     assert not unchanged, f"parameters that never moved: {unchanged}"
     assert any(name.startswith("head.predictors.") for name in watched)

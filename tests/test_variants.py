@@ -186,7 +186,7 @@ def test_every_mode_trains_with_falling_loss_and_moving_predictor(tiny_dataset, 
     predictor_before = [p.detach().clone() for p in trainer.head.predictors.parameters()]
     losses = []
     for step in range(8):
-        trainer.step(step, 0.0)
+        trainer.step(step, lambda: 0.0)
         metrics = trainer.read_metrics()
         assert all(math.isfinite(value) for value in metrics.values()), metrics
         losses.append(metrics["train_loss"])
