@@ -982,22 +982,25 @@ class JepaHead(nn.Module):
         else:  # span: predictor(z_ctx[t]) -> z_tgt[t] at masked positions t
             predictions.append(self.predictors[0](z_context[span_mask]))
             targets.append(z_target[span_mask])
-        prediction_loss = sum(w * self._prediction_loss(p, t)
-                              for w, p, t in zip(self.offset_weights, predictions, targets))
-
-        prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions])
-        target_latents = z_target if self.mode != "span" else z_target[span_mask]
-        regularised, other = ((target_latents, prediction_latents) if self.regularised_side == "target"
-                              else (prediction_latents, target_latents))
-        regulariser_loss = self._regulariser(regularised, sigreg_directions)
-        with torch.no_grad():  # the other side's value, logged as a diagnostic only
-            other_value = self._regulariser(other.detach(), sigreg_directions)
-            prediction_std = prediction_latents.detach().float().std(dim=0)
-            target_std = target_latents.detach().float().reshape(-1, target_latents.size(-1)).std(dim=0)
-            stats = torch.stack([
-                prediction_loss.detach().float(), regulariser_loss.detach().float(), other_value.float(),
-                prediction_std.mean(), prediction_std.min(), target_std.mean(), target_std.min(),
-            ])
+        # Losses and regularisers in fp32 with autocast off: a covariance summed over many rows
+        # and SIGReg's characteristic function need more than bf16's 8 bits of mantissa.
+        with torch.autocast(device_type=z_context.device.type, enabled=False):
+            prediction_loss = sum(w * self._prediction_loss(p, t)
+                                  for w, p, t in zip(self.offset_weights, predictions, targets))
+            prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions]).float()
+            target_latents = (z_target if self.mode != "span" else z_target[span_mask]).float()
+            target_latents = target_latents.reshape(-1, target_latents.size(-1))
+            regularised, other = ((target_latents, prediction_latents) if self.regularised_side == "target"
+                                  else (prediction_latents, target_latents))
+            regulariser_loss = self._regulariser(regularised, sigreg_directions)
+            with torch.no_grad():  # the other side's value, logged as a diagnostic only
+                other_value = self._regulariser(other.detach(), sigreg_directions)
+                prediction_std = prediction_latents.detach().std(dim=0)
+                target_std = target_latents.detach().std(dim=0)
+                stats = torch.stack([
+                    prediction_loss.detach(), regulariser_loss.detach(), other_value,
+                    prediction_std.mean(), prediction_std.min(), target_std.mean(), target_std.min(),
+                ])
         return prediction_loss, regulariser_loss, stats
 
 
@@ -1518,7 +1521,9 @@ class Trainer:
         self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
         # Sums since the last log line, kept on the device: [total, ce, JEPA stats...].
         self.metric_sums = torch.zeros(2 + len(JEPA_STAT_NAMES), device=runtime.device)
-        self.metric_counts = torch.zeros(2, device=runtime.device)  # micro-steps, JEPA micro-steps
+        # Micro-steps and JEPA micro-steps in those sums, per rank: host integers, the same on
+        # every rank, so counting costs no device copy.
+        self.metric_counts = [0, 0]
         self.agreed_elapsed_ms = 0.0  # training time every rank agreed on at the last step
         self.stop_requested = False  # set by the SIGTERM/SIGINT handler
         self.skipped_steps = 0
@@ -1583,9 +1588,11 @@ class Trainer:
         any rank was asked to stop, and all adopt the largest elapsed training time, so that
         schedules and stop decisions never differ between ranks. Called after the last
         micro-step's forward and before its backward: the GPU waits only for one kernel launch."""
-        status = torch.tensor([0.0, float(self.stop_requested), elapsed_ms()], dtype=torch.float64,
-                              device=self.runtime.device)
-        status[0] = (~torch.isfinite(loss_sum)).to(torch.float64)
+        # torch.full passes host values as kernel arguments: no blocking host-to-device copy.
+        options = dict(dtype=torch.float64, device=self.runtime.device)
+        status = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float64),
+                              torch.full((), float(self.stop_requested), **options),
+                              torch.full((), elapsed_ms(), **options)])
         if self.runtime.distributed:
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
         nonfinite, stop, agreed_ms = status.tolist()
@@ -1648,7 +1655,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.update_averages()
         self.metric_sums += sums
-        self.metric_counts += torch.tensor([self.grad_accum_steps, jepa_micro_steps], device=self.runtime.device)
+        self.metric_counts[0] += self.grad_accum_steps
+        self.metric_counts[1] += jepa_micro_steps
         return outcome
 
     def _skip_or_raise(self, step: int, sums: Tensor, jepa_micro_steps: int, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -1684,13 +1692,13 @@ class Trainer:
 
     def read_metrics(self) -> dict[str, float]:
         """Averages since the last call (a host sync, on log steps only)."""
-        sums, counts = self.metric_sums.clone(), self.metric_counts.clone()
+        sums = self.metric_sums.clone()
         if self.runtime.distributed:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        sums, counts = sums.tolist(), counts.tolist()
+        sums = sums.tolist()
+        counts = [count * self.runtime.world_size for count in self.metric_counts]
         self.metric_sums.zero_()
-        self.metric_counts.zero_()
+        self.metric_counts = [0, 0]
         metrics = {"train_loss": sums[1] / max(counts[0], 1), "total_loss": sums[0] / max(counts[0], 1)}
         if counts[1] > 0:
             metrics.update({name: value / counts[1] for name, value in zip(JEPA_STAT_NAMES, sums[2:])})
@@ -1713,7 +1721,7 @@ class Trainer:
         self.span_generator.manual_seed(self.hp.seed * 1000 + self.runtime.rank)
         self.sigreg_generator.manual_seed(self.hp.seed * 1000 + 999)
         self.metric_sums.zero_()
-        self.metric_counts.zero_()
+        self.metric_counts = [0, 0]
 
     def modules_state(self) -> dict[str, Any]:
         return {
@@ -1774,10 +1782,8 @@ def save_checkpoint(trainer: Trainer, step: int, train_ms: float, extra: dict[st
     runtime, hp = trainer.runtime, trainer.hp
     if runtime.distributed:  # fold every rank's unlogged metric sums into rank 0's, which is saved
         dist.all_reduce(trainer.metric_sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(trainer.metric_counts, op=dist.ReduceOp.SUM)
         if not runtime.master:
             trainer.metric_sums.zero_()
-            trainer.metric_counts.zero_()
     state = _to_cpu(trainer.modules_state())
     rank_local = {"muon": state["optimizers"][0]["state"], "span_generator": trainer.span_generator.get_state()}
     per_rank = [rank_local]
@@ -1794,7 +1800,7 @@ def save_checkpoint(trainer: Trainer, step: int, train_ms: float, extra: dict[st
             "span_generators": [shard["span_generator"] for shard in per_rank],
             "sigreg_generator": trainer.sigreg_generator.get_state(),
             "torch_rng": torch.get_rng_state(), "loader": trainer.loader.stream.state(),
-            "metric_sums": trainer.metric_sums.cpu(), "metric_counts": trainer.metric_counts.cpu(),
+            "metric_sums": trainer.metric_sums.cpu(), "metric_counts": list(trainer.metric_counts),
             "agreed_elapsed_ms": trainer.agreed_elapsed_ms, "skipped_steps": trainer.skipped_steps, **extra,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1853,9 +1859,10 @@ def load_checkpoint(path: Path, trainer: Trainer) -> dict[str, Any]:
     trainer.sigreg_generator.set_state(checkpoint["sigreg_generator"])
     torch.set_rng_state(checkpoint["torch_rng"])
     trainer.loader.stream.restore(checkpoint["loader"])
-    if runtime.master:  # rank 0 saved the sums of all ranks
-        trainer.metric_sums.copy_(checkpoint["metric_sums"])
-        trainer.metric_counts.copy_(checkpoint["metric_counts"])
+    if checkpoint["world_size"] == runtime.world_size:  # else the unlogged interval's sums are dropped
+        if runtime.master:  # rank 0 saved the sums of all ranks
+            trainer.metric_sums.copy_(checkpoint["metric_sums"])
+        trainer.metric_counts = list(checkpoint["metric_counts"])
     trainer.agreed_elapsed_ms = checkpoint["agreed_elapsed_ms"]
     trainer.skipped_steps = checkpoint["skipped_steps"]
     return checkpoint
