@@ -685,7 +685,8 @@ class CausalSelfAttention(nn.Module):
         if self.use_xsa:
             group = self.num_heads // self.num_kv_heads
             y = y.view(batch, self.num_kv_heads, group, length, self.head_dim)
-            own_value = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
+            # Normalised in fp32 but kept in v's dtype (F.normalize would return fp32 under autocast).
+            own_value = F.normalize(v.float(), dim=-1).to(v.dtype).unsqueeze(2)  # (B, Hkv, 1, T, hd)
             y = y - (y * own_value).sum(dim=-1, keepdim=True) * own_value
             y = y.view(batch, self.num_heads, length, self.head_dim)
         y = y.transpose(1, 2).reshape(batch, length, width)
@@ -880,19 +881,38 @@ class LatentPredictor(nn.Module):
         return z + self.contract(F.leaky_relu(self.expand(rms_norm(z)), negative_slope=0.5).square())
 
 
-def vicreg_terms(z: Tensor) -> tuple[Tensor, Tensor]:
+def row_moments(z: Tensor, row_weights: Tensor | None) -> tuple[Tensor, Tensor | float]:
+    """Rows centred on their (weighted) mean, and the unbiased divisor (rows - 1). row_weights
+    (N,) of 0/1 select rows without indexing: shapes stay fixed, so a compiled graph needs no
+    data-dependent size and the GPU no sync. Excluded rows come back as zeros."""
+    if row_weights is None:
+        return z - z.mean(dim=0), max(z.size(0) - 1, 1)
+    weights = row_weights.unsqueeze(-1)
+    count = row_weights.sum()
+    mean = (z * weights).sum(dim=0) / count.clamp_min(1.0)
+    return (z - mean) * weights, (count - 1.0).clamp_min(1.0)
+
+
+def weighted_row_mean(values: Tensor, row_weights: Tensor | None) -> Tensor:
+    """Mean over dim 0 of values (N, ...), counting only rows of weight 1 when weights are given."""
+    if row_weights is None:
+        return values.mean(dim=0)
+    weights = row_weights.reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weights).sum(dim=0) / row_weights.sum().clamp_min(1.0)
+
+
+def vicreg_terms(z: Tensor, row_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """VICReg's variance hinge (each dim's std >= 1) and off-diagonal covariance penalty."""
-    z = z.float().reshape(-1, z.size(-1))
-    z = z - z.mean(dim=0)
-    std = torch.sqrt(z.var(dim=0) + 1e-4)
+    centred, divisor = row_moments(z.float().reshape(-1, z.size(-1)), row_weights)
+    std = torch.sqrt(centred.square().sum(dim=0) / divisor + 1e-4)
     variance_loss = F.relu(1.0 - std).mean()
-    covariance = (z.T @ z) / max(z.size(0) - 1, 1)
+    covariance = (centred.T @ centred) / divisor
     off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
     covariance_loss = off_diagonal.square().sum() / z.size(-1)
     return variance_loss, covariance_loss
 
 
-def sigreg_loss(z: Tensor, directions: Tensor) -> Tensor:
+def sigreg_loss(z: Tensor, directions: Tensor, row_weights: Tensor | None = None) -> Tensor:
     """SIGReg (LeJEPA): project the latents on random unit directions and measure, with the
     Epps-Pulley statistic, how far each 1-D distribution is from N(0, 1): the mean over
     directions of the integral of |empirical characteristic function - exp(-t^2/2)|^2 weighted
@@ -900,7 +920,8 @@ def sigreg_loss(z: Tensor, directions: Tensor) -> Tensor:
     projected = z.float().reshape(-1, z.size(-1)) @ directions  # (N, slices)
     t = torch.linspace(0.0, 4.0, 17, device=z.device)  # even integrand: integrate on [0, 4], double
     angles = projected.unsqueeze(-1) * t  # (N, slices, knots)
-    real, imaginary = torch.cos(angles).mean(dim=0), torch.sin(angles).mean(dim=0)
+    real = weighted_row_mean(torch.cos(angles), row_weights)
+    imaginary = weighted_row_mean(torch.sin(angles), row_weights)
     gaussian = torch.exp(-0.5 * t.square())
     integrand = ((real - gaussian).square() + imaginary.square()) * gaussian
     return 2.0 * torch.trapezoid(integrand, t, dim=-1).mean()
@@ -943,19 +964,27 @@ class JepaHead(nn.Module):
         # The learned embedding that replaces masked tokens in span mode (I-JEPA's mask token).
         self.mask_embedding = nn.Parameter(torch.zeros(hp.model_dim)) if hp.jepa_mode == "span" else None
 
-    def _prediction_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        prediction, target = prediction.float(), target.float()
+    def _prediction_loss(self, prediction: Tensor, target: Tensor, row_weights: Tensor | None) -> Tensor:
+        prediction = prediction.float().reshape(-1, prediction.size(-1))
+        target = target.float().reshape(-1, target.size(-1))
         if self.loss_kind == "cosine":
-            return 1.0 - F.cosine_similarity(prediction, target, dim=-1).mean()
-        return F.mse_loss(prediction, target)
+            per_row = 1.0 - F.cosine_similarity(prediction, target, dim=-1)
+        else:
+            per_row = (prediction - target).square().mean(dim=-1)
+        return weighted_row_mean(per_row, row_weights)
 
-    def _regulariser(self, z: Tensor, sigreg_directions: Tensor | None) -> Tensor:
+    def _regulariser(self, z: Tensor, sigreg_directions: Tensor | None, row_weights: Tensor | None) -> Tensor:
         if self.anti_collapse == "vicreg":
-            variance_loss, covariance_loss = vicreg_terms(z)
+            variance_loss, covariance_loss = vicreg_terms(z, row_weights)
             return self.var_weight * variance_loss + self.cov_weight * covariance_loss
         if self.anti_collapse == "sigreg":
-            return self.sigreg_weight * sigreg_loss(z, sigreg_directions)
+            return self.sigreg_weight * sigreg_loss(z, sigreg_directions, row_weights)
         return z.new_zeros(())
+
+    @staticmethod
+    def _latent_std(z: Tensor, row_weights: Tensor | None) -> Tensor:  # (N, L) -> (L,) unbiased std
+        centred, divisor = row_moments(z, row_weights)
+        return torch.sqrt(centred.square().sum(dim=0) / divisor)
 
     def forward(
         self,
@@ -968,6 +997,9 @@ class JepaHead(nn.Module):
         z_target = self.target_projection(rms_norm(target_features))
         predictions: list[Tensor] = []
         targets: list[Tensor] = []
+        # Span mode scores only masked positions: as 0/1 row weights over every position rather
+        # than by boolean indexing, whose data-dependent size would stall the GPU every step.
+        row_weights: Tensor | None = None
         if self.mode == "next":  # predictor_k(z_ctx[t]) -> z_tgt[t + k]
             length = z_context.size(1)
             for offset, predictor in zip(self.offsets, self.predictors):
@@ -980,23 +1012,23 @@ class JepaHead(nn.Module):
             predictions.append(self.predictors[0](z_context[:, :chunk_means.size(1)]))
             targets.append(chunk_means)
         else:  # span: predictor(z_ctx[t]) -> z_tgt[t] at masked positions t
-            predictions.append(self.predictors[0](z_context[span_mask]))
-            targets.append(z_target[span_mask])
+            predictions.append(self.predictors[0](z_context))
+            targets.append(z_target)
+            row_weights = span_mask.reshape(-1).float()
         # Losses and regularisers in fp32 with autocast off: a covariance summed over many rows
         # and SIGReg's characteristic function need more than bf16's 8 bits of mantissa.
         with torch.autocast(device_type=z_context.device.type, enabled=False):
-            prediction_loss = sum(w * self._prediction_loss(p, t)
+            prediction_loss = sum(w * self._prediction_loss(p, t, row_weights)
                                   for w, p, t in zip(self.offset_weights, predictions, targets))
             prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions]).float()
-            target_latents = (z_target if self.mode != "span" else z_target[span_mask]).float()
-            target_latents = target_latents.reshape(-1, target_latents.size(-1))
+            target_latents = z_target.float().reshape(-1, z_target.size(-1))
             regularised, other = ((target_latents, prediction_latents) if self.regularised_side == "target"
                                   else (prediction_latents, target_latents))
-            regulariser_loss = self._regulariser(regularised, sigreg_directions)
+            regulariser_loss = self._regulariser(regularised, sigreg_directions, row_weights)
             with torch.no_grad():  # the other side's value, logged as a diagnostic only
-                other_value = self._regulariser(other.detach(), sigreg_directions)
-                prediction_std = prediction_latents.detach().std(dim=0)
-                target_std = target_latents.detach().std(dim=0)
+                other_value = self._regulariser(other.detach(), sigreg_directions, row_weights)
+                prediction_std = self._latent_std(prediction_latents.detach(), row_weights)
+                target_std = self._latent_std(target_latents.detach(), row_weights)
                 stats = torch.stack([
                     prediction_loss.detach(), regulariser_loss.detach(), other_value,
                     prediction_std.mean(), prediction_std.min(), target_std.mean(), target_std.min(),
@@ -1068,6 +1100,15 @@ def evaluate_bpb(
                for prev_end, end in zip([0] + window_ends[:-1], window_ends)]
     my_windows = windows[runtime.rank::runtime.world_size]
     batch_windows = max(1, batch_tokens // (seq_len * runtime.world_size))
+    # Pad to whole batches with windows that score nothing: one batch shape, so a compiled model
+    # compiles once; and the scoring masks are built on the device, so the loop never waits for
+    # the GPU (no boolean indexing, no host-to-device copies per batch).
+    padding = -len(my_windows) % batch_windows
+    my_windows = my_windows + [(0, seq_len, seq_len)] * padding
+    device_tokens = val_tokens.to(runtime.device, torch.int64)
+    window_starts = torch.tensor([start for start, _, _ in my_windows], dtype=torch.int64).to(runtime.device)
+    window_skips = torch.tensor([skip for _, skip, _ in my_windows], dtype=torch.int64).to(runtime.device)
+    offsets = torch.arange(seq_len + 1, device=runtime.device)
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     token_count = torch.zeros((), device=runtime.device, dtype=torch.float64)
     byte_count = torch.zeros((), device=runtime.device, dtype=torch.float64)
@@ -1075,18 +1116,17 @@ def evaluate_bpb(
     model.eval()
     with torch.inference_mode():
         for first in range(0, len(my_windows), batch_windows):
-            group = my_windows[first:first + batch_windows]
-            rows = torch.stack([val_tokens[start:end + 1] for start, _, end in group]).to(runtime.device, torch.int64)
+            # Every window spans seq_len + 1 tokens from its start (the last one ends at `usable`).
+            rows = device_tokens[window_starts[first:first + batch_windows, None] + offsets]
             inputs, targets = rows[:, :-1], rows[:, 1:]
-            score_from = torch.tensor([skip for _, skip, _ in group], device=runtime.device)
-            scored = torch.arange(seq_len, device=runtime.device)[None, :] >= score_from[:, None]
+            scored = offsets[None, :-1] >= window_skips[first:first + batch_windows, None]
             with runtime.autocast():
                 token_losses, _ = model(inputs, targets, reduction="none")
-            loss_sum += token_losses.double()[scored].sum()
+            loss_sum += torch.where(scored, token_losses.double(), 0.0).sum()
             token_count += scored.sum()
             token_bytes = bytes_per_token[targets].to(torch.int32)
             token_bytes += (has_leading_space[targets] & ~is_boundary[inputs]).to(torch.int32)
-            byte_count += token_bytes[scored].double().sum()
+            byte_count += torch.where(scored, token_bytes, 0).sum()
     if runtime.distributed:
         for total in (loss_sum, token_count, byte_count):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -1314,8 +1354,8 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 stays off: under bf16 autocast the only fp32 matmuls left are the JEPA losses'
+        # covariance and SIGReg projections, which are kept in fp32 for their precision.
     else:
         device = torch.device("cpu")
     if world_size > 1:
@@ -1570,12 +1610,15 @@ class Trainer:
     def _sync_head_gradients(self) -> None:
         """DDP averages the backbone's gradients during backward; the JEPA head lives outside
         DDP (it is idle on zero-weight steps, which DDP would reject), so it gets one flat
-        all-reduce here. Missing gradients count as zeros, identically on every rank."""
+        all-reduce here. Which parameters have a gradient depends only on the step's agreed
+        path, so the set is the same on every rank; parameters without one keep None, as in a
+        single-process run (AdamW then does not count a step for them)."""
         if not self.runtime.distributed or self.head is None:
             return
-        params = list(self.head.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        params = [p for p in self.head.parameters() if p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.runtime.world_size
         offset = 0
@@ -2186,6 +2229,9 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
                 f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
         except ConfigError as error:
             export_error = str(error)
+        except OSError as error:  # caught, not raised here: the other ranks wait for this outcome
+            export_error = (f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
+                            f"point ARTIFACT_PATH at a writable location with free space")
     if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
         shared = [export_error]
         dist.broadcast_object_list(shared, src=0)

@@ -213,6 +213,18 @@ def test_an_impossible_budget_exits_with_the_sizes_and_keeps_the_logs(tmp_path, 
     assert not (tmp_path / "model.ptz").exists()
 
 
+def test_an_unwritable_artifact_path_is_one_line_and_keeps_the_logs(tmp_path, tiny_dataset):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the artifact's folder should be")
+    result = run_trainer(tmp_path, tiny_dataset, RUN_ID="unwritable", ITERATIONS=2,
+                         ARTIFACT_PATH=blocker / "model.ptz")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: could not write the artifact") and "ARTIFACT_PATH=" in last_line
+    summary = json.loads((tmp_path / "logs" / "unwritable.json").read_text())
+    assert summary["status"] == "export_failed" and summary["val_bpb"] > 0
+
+
 # ---------------------------------------------------------------------------
 # Sliding-window evaluation
 # ---------------------------------------------------------------------------
@@ -220,9 +232,14 @@ def test_an_impossible_budget_exits_with_the_sizes_and_keeps_the_logs(tmp_path, 
 
 class TargetEcho(nn.Module):
     """A fake model whose per-token 'loss' is the target id: any double-counted or skipped
-    token shifts the mean."""
+    token shifts the mean. It records each batch's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes: list[int] = []
 
     def forward(self, inputs, targets, reduction="mean"):
+        self.batch_sizes.append(inputs.size(0))
         return targets.double(), None
 
 
@@ -233,7 +250,10 @@ def test_sliding_windows_score_every_token_exactly_once(stride):
     seq_len = 128
     usable = ((tokens.numel() - 1) // seq_len) * seq_len
     val_tokens = tokens[:usable + 1]
-    loss, bpb = T.evaluate_bpb(TargetEcho(), val_tokens, seq_len, 4 * seq_len, luts, cpu_runtime(), stride=stride)
+    model = TargetEcho()
+    loss, bpb = T.evaluate_bpb(model, val_tokens, seq_len, 4 * seq_len, luts, cpu_runtime(), stride=stride)
+    # The last batch is padded with windows that score nothing: one shape, one compilation.
+    assert set(model.batch_sizes) == {4}
     expected = val_tokens[1:].double().mean().item()
     assert loss == pytest.approx(expected, rel=1e-12)
     assert bpb == pytest.approx(expected / math.log(2.0), rel=1e-12)  # 1 byte per token

@@ -5,7 +5,6 @@ refused, and the wall-clock cap counts training time only."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

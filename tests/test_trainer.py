@@ -25,7 +25,7 @@ def make_trainer(dataset: dict[str, Path], **overrides: object) -> T.Trainer:
 def run_trainer(tmp_path: Path, dataset: dict[str, Path], nproc: int = 1, timeout: int = 300,
                 **overrides: object) -> subprocess.CompletedProcess:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    env = trainer_env(dataset, LOG_DIR=tmp_path / "logs", ARTIFACT_PATH=tmp_path / "model.ptz", **overrides)
+    env = trainer_env(dataset, **{"LOG_DIR": tmp_path / "logs", "ARTIFACT_PATH": tmp_path / "model.ptz", **overrides})
     if nproc == 1:
         command = [sys.executable, str(TRAINER_PATH)]
     else:

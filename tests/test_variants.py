@@ -93,6 +93,38 @@ def test_span_head_regresses_targets_at_masked_positions_only(tiny_dataset):
     assert torch.allclose(loss, T.F.mse_loss(head.predictors[0](z_context), z_target))
 
 
+@pytest.mark.parametrize("anti_collapse, side", [("vicreg", "pred"), ("vicreg", "target"), ("sigreg", "pred")])
+def test_span_weighted_losses_equal_those_of_the_masked_rows_alone(tiny_dataset, anti_collapse, side):
+    # Span mode scores masked positions through 0/1 row weights (fixed shapes for compile); every
+    # term must equal the same computation on the masked rows selected by indexing.
+    hp = tiny_hyperparameters(tiny_dataset, JEPA_MODE="span", ANTI_COLLAPSE=anti_collapse, VICREG_ON=side)
+    head = T.JepaHead(hp)
+    torch.nn.init.normal_(head.predictors[0].contract.weight, std=0.05)  # not the identity
+    context, target = torch.randn(3, 40, hp.model_dim), torch.randn(3, 40, hp.model_dim)
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[0, 2:9] = mask[1, 20:31] = mask[2, 0:5] = mask[2, 33:40] = True
+    directions = T.F.normalize(torch.randn(hp.d_latent, 16, generator=torch.Generator().manual_seed(3)), dim=0)
+    prediction_loss, regulariser_loss, stats = head(context, target, mask, directions)
+
+    predicted = head.predictors[0](head.context_projection(T.rms_norm(context))[mask])
+    z_target = head.target_projection(T.rms_norm(target))[mask]
+    regularised, other = (predicted, z_target) if side == "pred" else (z_target, predicted)
+
+    def regulariser(z: torch.Tensor) -> torch.Tensor:
+        if anti_collapse == "sigreg":
+            return hp.sigreg_weight * T.sigreg_loss(z, directions)
+        variance, covariance = T.vicreg_terms(z)
+        return hp.vicreg_var_weight * variance + hp.vicreg_cov_weight * covariance
+
+    expected = torch.stack([
+        T.F.mse_loss(predicted, z_target), regulariser(regularised), regulariser(other),
+        predicted.std(dim=0).mean(), predicted.std(dim=0).min(), z_target.std(dim=0).mean(), z_target.std(dim=0).min(),
+    ])
+    assert torch.allclose(prediction_loss, expected[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(regulariser_loss, expected[1], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats, expected.detach(), rtol=1e-4, atol=1e-6)
+
+
 def test_vicreg_on_defaults_to_pred_in_span_mode(tiny_dataset):
     assert tiny_hyperparameters(tiny_dataset, JEPA_MODE="span").regularised_side == "pred"
     assert tiny_hyperparameters(tiny_dataset, JEPA_MODE="next").regularised_side == "target"
