@@ -75,7 +75,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0  # training-time cap (eval and export not counted); 0 = none
     warmdown_iters: int = 3500  # LR falls linearly to 0 over the last this-many steps (or their time)
     lr_warmup_steps: int = 0  # linear LR warmup from 0 over the first steps
-    warmup_steps: int = 20  # compile-priming steps, undone before step 0 (weights and optimizer reset)
+    warmup_steps: int = 20  # compile-priming steps, undone before step 0; JEPA runs prime JEPA and vanilla steps
     train_batch_tokens: int = 786_432  # tokens per optimizer step over all ranks and micro-steps
     train_seq_len: int = 2048  # tokens per training sequence (and per evaluation window)
     grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in parameter-golf
@@ -935,15 +935,16 @@ def effective_rank(z: Tensor, max_rows: int = 4096) -> Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
-# Order of the JEPA statistics vector (accumulated on device, read only on log steps).
-JEPA_STAT_NAMES = ("jepa_loss", "reg_loss", "reg_other", "pred_std_mean", "pred_std_min",
-                   "tgt_std_mean", "tgt_std_min")
+# Order of the JEPA loss sums accumulated on the device every step (read only on log steps).
+JEPA_LOSS_NAMES = ("jepa_loss", "reg_loss")
+# Diagnostics computed on log steps only, from the last micro-batch, with the training clock paused.
+JEPA_DIAGNOSTIC_NAMES = ("reg_other", "pred_std_mean", "pred_std_min", "tgt_std_mean", "tgt_std_min", "tgt_rank")
 
 
 class JepaHead(nn.Module):
     """ctx_proj, tgt_proj, one predictor per horizon (next mode) and the span mask embedding.
-    forward() turns context and target features into the prediction loss, the anti-collapse
-    loss and a vector of diagnostics."""
+    forward() turns context and target features into the two losses backward needs, nothing
+    more: a JEPA step pays only for JEPA. diagnostics() computes what the log line shows besides."""
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
@@ -986,13 +987,12 @@ class JepaHead(nn.Module):
         centred, divisor = row_moments(z, row_weights)
         return torch.sqrt(centred.square().sum(dim=0) / divisor)
 
-    def forward(
-        self,
-        context_features: Tensor,  # (B, T, D) online block output (span mode: the masked pass)
-        target_features: Tensor,  # (B, T, D) target encoder output, already without gradient
-        span_mask: Tensor | None = None,  # (B, T) bool, span mode only
-        sigreg_directions: Tensor | None = None,  # (D_LATENT, slices) unit columns, sigreg only
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _latents(
+        self, context_features: Tensor, target_features: Tensor, span_mask: Tensor | None,
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor | None]:
+        """Per horizon, the predictions and the targets they regress; all predictions and the target
+        latents as (rows, D_LATENT) fp32 matrices (the two sides a regulariser can act on); and the
+        0/1 row weights of span mode (None elsewhere)."""
         z_context = self.context_projection(rms_norm(context_features))
         z_target = self.target_projection(rms_norm(target_features))
         predictions: list[Tensor] = []
@@ -1015,25 +1015,49 @@ class JepaHead(nn.Module):
             predictions.append(self.predictors[0](z_context))
             targets.append(z_target)
             row_weights = span_mask.reshape(-1).float()
+        prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions]).float()
+        target_latents = z_target.float().reshape(-1, z_target.size(-1))
+        return predictions, targets, prediction_latents, target_latents, row_weights
+
+    def forward(
+        self,
+        context_features: Tensor,  # (B, T, D) online block output (span mode: the masked pass)
+        target_features: Tensor,  # (B, T, D) target encoder output, already without gradient
+        span_mask: Tensor | None = None,  # (B, T) bool, span mode only
+        sigreg_directions: Tensor | None = None,  # (D_LATENT, slices) unit columns, sigreg only
+    ) -> tuple[Tensor, Tensor]:
+        """The prediction loss and the anti-collapse loss of the regularised side."""
+        predictions, targets, prediction_latents, target_latents, row_weights = self._latents(
+            context_features, target_features, span_mask)
         # Losses and regularisers in fp32 with autocast off: a covariance summed over many rows
         # and SIGReg's characteristic function need more than bf16's 8 bits of mantissa.
-        with torch.autocast(device_type=z_context.device.type, enabled=False):
+        with torch.autocast(device_type=context_features.device.type, enabled=False):
             prediction_loss = sum(w * self._prediction_loss(p, t, row_weights)
                                   for w, p, t in zip(self.offset_weights, predictions, targets))
-            prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions]).float()
-            target_latents = z_target.float().reshape(-1, z_target.size(-1))
-            regularised, other = ((target_latents, prediction_latents) if self.regularised_side == "target"
-                                  else (prediction_latents, target_latents))
+            regularised = target_latents if self.regularised_side == "target" else prediction_latents
             regulariser_loss = self._regulariser(regularised, sigreg_directions, row_weights)
-            with torch.no_grad():  # the other side's value, logged as a diagnostic only
-                other_value = self._regulariser(other.detach(), sigreg_directions, row_weights)
-                prediction_std = self._latent_std(prediction_latents.detach(), row_weights)
-                target_std = self._latent_std(target_latents.detach(), row_weights)
-                stats = torch.stack([
-                    prediction_loss.detach(), regulariser_loss.detach(), other_value,
-                    prediction_std.mean(), prediction_std.min(), target_std.mean(), target_std.min(),
-                ])
-        return prediction_loss, regulariser_loss, stats
+        return prediction_loss, regulariser_loss
+
+    @torch.no_grad()
+    def diagnostics(
+        self, context_features: Tensor, target_features: Tensor, span_mask: Tensor | None = None,
+        sigreg_directions: Tensor | None = None,
+    ) -> dict[str, float]:
+        """The other side's regulariser (what it would be if it were the regularised one), the
+        latent std (mean and min over dims) of both sides and the effective rank of z_tgt: the
+        signs of collapse. Log steps only; one host sync for the whole set."""
+        _, _, prediction_latents, target_latents, row_weights = self._latents(
+            context_features, target_features, span_mask)
+        with torch.autocast(device_type=context_features.device.type, enabled=False):
+            other = prediction_latents if self.regularised_side == "target" else target_latents
+            prediction_std = self._latent_std(prediction_latents, row_weights)
+            target_std = self._latent_std(target_latents, row_weights)
+            values = torch.stack([
+                self._regulariser(other, sigreg_directions, row_weights),
+                prediction_std.mean(), prediction_std.min(), target_std.mean(), target_std.min(),
+                effective_rank(target_latents),
+            ])
+        return dict(zip(JEPA_DIAGNOSTIC_NAMES, values.tolist()))
 
 
 def sample_spans(batch: int, length: int, hp: Hyperparameters, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -1502,7 +1526,6 @@ class LossTerms(NamedTuple):
     ce: Tensor
     prediction: Tensor | None  # None on vanilla and zero-JEPA-weight steps
     regulariser: Tensor | None
-    stats: Tensor | None  # JEPA diagnostics in JEPA_STAT_NAMES order
 
 
 class NonFiniteLoss(Exception):
@@ -1559,8 +1582,11 @@ class Trainer:
         self.loader = DistributedTokenLoader(train_files, hp.vocab_size, runtime.rank, runtime.world_size, runtime.device)
         self.span_generator = torch.Generator().manual_seed(hp.seed * 1000 + runtime.rank)
         self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
-        # Sums since the last log line, kept on the device: [total, ce, JEPA stats...].
-        self.metric_sums = torch.zeros(2 + len(JEPA_STAT_NAMES), device=runtime.device)
+        # Sums since the last log line, kept on the device: [total, ce, jepa_loss, reg_loss].
+        self.metric_sums = torch.zeros(2 + len(JEPA_LOSS_NAMES), device=runtime.device)
+        # The last JEPA micro-batch (inputs, span mask, SIGReg directions): log-step diagnostics
+        # are computed from it after the step, so the step itself computes nothing beyond its losses.
+        self.last_jepa_batch: tuple[Tensor, Tensor | None, Tensor | None] | None = None
         # Micro-steps and JEPA micro-steps in those sums, per rank: host integers, the same on
         # every rank, so counting costs no device copy.
         self.metric_counts = [0, 0]
@@ -1570,42 +1596,64 @@ class Trainer:
         self.consecutive_skips = 0
 
     # ---- one micro-step ----
+    def _jepa_features(self, online: nn.Module, target_encoder: nn.Module | None, inputs: Tensor,
+                       targets: Tensor | None, span_mask: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
+        """CE loss (None without targets), context features and target features of a micro-batch.
+        The JEPA rows are the first JEPA_TARGET_FRACTION of its sequences; span mode adds their
+        masked copies to the same online pass. Training passes the compiled modules; log-step
+        diagnostics pass the plain ones under no_grad (no extra compilation)."""
+        hp = self.hp
+        jepa_rows = span_mask.size(0) if span_mask is not None else self.jepa_rows(inputs)
+        online_inputs, token_mask = inputs, None
+        if span_mask is not None:
+            # One forward over [unmasked rows for CE; masked copies for the JEPA context].
+            online_inputs = torch.cat([inputs, inputs[:jepa_rows]])
+            token_mask = torch.cat([torch.zeros_like(inputs, dtype=torch.bool), span_mask])
+        grad_layer = hp.jepa_layer_index - hp.jepa_grad_layers + 1 if hp.jepa_grad_layers > 0 else None
+        ce_loss, features = online(online_inputs, targets, feature_layer=hp.jepa_layer_index, token_mask=token_mask,
+                                   mask_embedding=self.head.mask_embedding, grad_layer=grad_layer)
+        context = features[inputs.size(0):] if span_mask is not None else features[:jepa_rows]
+        if target_encoder is None:
+            # TARGET_EMA_DECAY=0: the target encoder is the online one, and it sees the same
+            # unmasked input, so its output is exactly the online features under stop-gradient.
+            return ce_loss, context, features[:jepa_rows].detach()
+        with torch.no_grad():
+            _, target_features = target_encoder(inputs[:jepa_rows], feature_layer=hp.jepa_layer_index,
+                                                last_layer=hp.jepa_layer_index)
+        return ce_loss, context, target_features
+
+    def jepa_rows(self, inputs: Tensor) -> int:
+        return max(1, round(inputs.size(0) * self.hp.jepa_target_fraction))
+
     def micro_step_losses(self, inputs: Tensor, targets: Tensor, ce_weight: float, jepa_weight: float,
                           sigreg_directions: Tensor | None = None) -> LossTerms:
         """Forward passes of one micro-batch; the caller runs backward on .total."""
-        hp = self.hp
         if self.head is None or jepa_weight <= 0:
             # Vanilla path (and JEPA runs' zero-weight steps): no features, no target forward.
             with self.runtime.autocast():
                 ce_loss, _ = self.online(inputs, targets)
-            return LossTerms(ce_weight * ce_loss, ce_loss, None, None, None)
-        jepa_rows = max(1, round(inputs.size(0) * hp.jepa_target_fraction))
+            return LossTerms(ce_weight * ce_loss, ce_loss, None, None)
         span_mask = None
-        online_inputs, token_mask = inputs, None
-        if hp.jepa_mode == "span":
-            # One forward over [unmasked rows for CE; masked copies for the JEPA context].
-            starts, lengths = sample_spans(jepa_rows, inputs.size(1), hp, self.span_generator)
+        if self.hp.jepa_mode == "span":
+            starts, lengths = sample_spans(self.jepa_rows(inputs), inputs.size(1), self.hp, self.span_generator)
             span_mask = spans_to_mask(starts, lengths, inputs.size(1)).to(self.runtime.device, non_blocking=True)
-            online_inputs = torch.cat([inputs, inputs[:jepa_rows]])
-            token_mask = torch.cat([torch.zeros_like(inputs, dtype=torch.bool), span_mask])
-        grad_layer = hp.jepa_layer_index - hp.jepa_grad_layers + 1 if hp.jepa_grad_layers > 0 else None
+        self.last_jepa_batch = (inputs, span_mask, sigreg_directions)
         with self.runtime.autocast():
-            ce_loss, features = self.online(
-                online_inputs, targets, feature_layer=hp.jepa_layer_index, token_mask=token_mask,
-                mask_embedding=self.head.mask_embedding, grad_layer=grad_layer)
-            context = features[inputs.size(0):] if hp.jepa_mode == "span" else features[:jepa_rows]
-            if self.compiled_target is None:
-                # TARGET_EMA_DECAY=0: the target encoder is the online one, and it sees the same
-                # unmasked input, so its output is exactly the online features under stop-gradient.
-                target_features = features[:jepa_rows].detach()
-            else:
-                with torch.no_grad():
-                    _, target_features = self.compiled_target(
-                        inputs[:jepa_rows], feature_layer=hp.jepa_layer_index, last_layer=hp.jepa_layer_index)
-            prediction_loss, regulariser_loss, stats = self.compiled_head(
-                context, target_features, span_mask, sigreg_directions)
+            ce_loss, context, target_features = self._jepa_features(self.online, self.compiled_target, inputs,
+                                                                    targets, span_mask)
+            prediction_loss, regulariser_loss = self.compiled_head(context, target_features, span_mask,
+                                                                   sigreg_directions)
         total = ce_weight * ce_loss + jepa_weight * (prediction_loss + regulariser_loss)
-        return LossTerms(total, ce_loss, prediction_loss, regulariser_loss, stats)
+        return LossTerms(total, ce_loss, prediction_loss, regulariser_loss)
+
+    @torch.no_grad()
+    def jepa_diagnostics(self) -> dict[str, float]:
+        """JepaHead.diagnostics on the last JEPA micro-batch with the current weights: called on log
+        steps, with the training clock paused, by rank 0 only (plain modules, no collective)."""
+        inputs, span_mask, sigreg_directions = self.last_jepa_batch
+        with self.runtime.autocast():
+            _, context, target_features = self._jepa_features(self.model, self.target_encoder, inputs, None, span_mask)
+            return self.head.diagnostics(context, target_features, span_mask, sigreg_directions)
 
     def _sync_head_gradients(self) -> None:
         """DDP averages the backbone's gradients during backward; the JEPA head lives outside
@@ -1648,14 +1696,16 @@ class Trainer:
         directions = torch.randn(self.hp.d_latent, self.hp.sigreg_slices, generator=self.sigreg_generator)
         return F.normalize(directions, dim=0).to(self.runtime.device, non_blocking=True)
 
-    def step(self, step: int, elapsed_ms: Callable[[], float]) -> dict[str, Any]:
+    def step(self, step: int, elapsed_ms: Callable[[], float], jepa_weight: float | None = None) -> dict[str, Any]:
         """One optimizer step over GRAD_ACCUM_STEPS micro-batches. Returns the schedule values
-        and whether the step was skipped (non-finite loss, NAN_POLICY=skip) or a stop was asked."""
+        and whether the step was skipped (non-finite loss, NAN_POLICY=skip) or a stop was asked.
+        jepa_weight overrides the schedule's (compile priming forces each path once)."""
         hp = self.hp
         ce_weight = self.schedule.ce_weight(step, self.agreed_elapsed_ms)
-        jepa_weight = self.schedule.jepa_weight(step, self.agreed_elapsed_ms)
+        if jepa_weight is None:
+            jepa_weight = self.schedule.jepa_weight(step, self.agreed_elapsed_ms)
         sigreg_directions = self._sigreg_directions()
-        sums = torch.zeros_like(self.metric_sums)  # this step's [total, ce, stats...] over micro-steps
+        sums = torch.zeros_like(self.metric_sums)  # this step's [total, ce, jepa, reg] over micro-steps
         jepa_micro_steps = 0
         nonfinite = stop = False
         for micro_step in range(self.grad_accum_steps):
@@ -1664,13 +1714,13 @@ class Trainer:
                 # Gradients are all-reduced only on the last micro-step; earlier ones accumulate locally.
                 self.online.require_backward_grad_sync = last
             inputs, targets = self.loader.next_batch(self.local_batch_tokens, hp.train_seq_len)
-            self.last_inputs = inputs
             terms = self.micro_step_losses(inputs, targets, ce_weight, jepa_weight, sigreg_directions)
             total = terms.total * float("nan") if step == hp.debug_nan_step else terms.total
             sums[0] += total.detach()
             sums[1] += terms.ce.detach()
-            if terms.stats is not None:
-                sums[2:] += terms.stats
+            if terms.prediction is not None:
+                sums[2] += terms.prediction.detach()
+                sums[3] += terms.regulariser.detach()
                 jepa_micro_steps += 1
             if last:
                 nonfinite, stop = self._agree(sums[0], elapsed_ms)
@@ -1690,8 +1740,7 @@ class Trainer:
                 group["lr"] = group["base_lr"] * outcome["lr_multiplier"]
                 if isinstance(optimizer, Muon):
                     group["momentum"] = muon_momentum
-        if hp.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, hp.grad_clip_norm)
+        self.clip_gradients()
         for optimizer in self.optimizers:
             optimizer.step()
         for optimizer in self.optimizers:
@@ -1701,6 +1750,16 @@ class Trainer:
         self.metric_counts[0] += self.grad_accum_steps
         self.metric_counts[1] += jepa_micro_steps
         return outcome
+
+    def clip_gradients(self) -> None:
+        """GRAD_CLIP_NORM on the backbone's gradients by their own norm, exactly as in the vanilla
+        run, and on the JEPA head's separately: one global norm would let the head's gradients
+        change how far the backbone is scaled, and the backbone would not train as its control."""
+        if self.hp.grad_clip_norm <= 0:
+            return
+        torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.hp.grad_clip_norm)
+        if self.head is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.head.parameters()), self.hp.grad_clip_norm)
 
     def _skip_or_raise(self, step: int, sums: Tensor, jepa_micro_steps: int, outcome: dict[str, Any]) -> dict[str, Any]:
         for optimizer in self.optimizers:
@@ -1744,18 +1803,8 @@ class Trainer:
         self.metric_counts = [0, 0]
         metrics = {"train_loss": sums[1] / max(counts[0], 1), "total_loss": sums[0] / max(counts[0], 1)}
         if counts[1] > 0:
-            metrics.update({name: value / counts[1] for name, value in zip(JEPA_STAT_NAMES, sums[2:])})
+            metrics.update({name: value / counts[1] for name, value in zip(JEPA_LOSS_NAMES, sums[2:])})
         return metrics
-
-    def target_effective_rank(self) -> float:
-        """Effective rank of z_tgt on the last micro-batch; computed on log steps only (an SVD)."""
-        hp = self.hp
-        inputs = self.last_inputs[: max(1, round(self.last_inputs.size(0) * hp.jepa_target_fraction))]
-        with torch.no_grad(), self.runtime.autocast():
-            encoder = self.target_encoder if self.target_encoder is not None else self.model
-            _, features = encoder(inputs, feature_layer=hp.jepa_layer_index, last_layer=hp.jepa_layer_index)
-            z_target = self.head.target_projection(rms_norm(features))
-        return effective_rank(z_target).item()
 
     def reset_stream_state(self) -> None:
         """Data position, random generators and metric sums as at step 0."""
@@ -1765,6 +1814,7 @@ class Trainer:
         self.sigreg_generator.manual_seed(self.hp.seed * 1000 + 999)
         self.metric_sums.zero_()
         self.metric_counts = [0, 0]
+        self.last_jepa_batch = None
 
     def modules_state(self) -> dict[str, Any]:
         return {
@@ -1917,15 +1967,15 @@ def load_checkpoint(path: Path, trainer: Trainer) -> dict[str, Any]:
 
 
 def format_train_line(step: int, hp: Hyperparameters, metrics: dict[str, float], schedule: dict[str, float],
-                      train_ms: float, eta_seconds: float, rank_value: float | None) -> str:
+                      train_ms: float, eta_seconds: float) -> str:
     parts = [f"step:{step}/{hp.iterations}", f"train_loss:{metrics['train_loss']:.4f}"]
     if "jepa_loss" in metrics:
-        parts += [f"jepa_loss:{metrics['jepa_loss']:.4f}", f"reg_loss:{metrics['reg_loss']:.4f}",
-                  f"reg_other:{metrics['reg_other']:.4f}",
+        parts += [f"jepa_loss:{metrics['jepa_loss']:.4f}", f"reg_loss:{metrics['reg_loss']:.4f}"]
+    if "tgt_rank" in metrics:
+        parts += [f"reg_other:{metrics['reg_other']:.4f}",
                   f"pred_std:{metrics['pred_std_mean']:.3f}/{metrics['pred_std_min']:.3f}",
-                  f"tgt_std:{metrics['tgt_std_mean']:.3f}/{metrics['tgt_std_min']:.3f}"]
-        if rank_value is not None:
-            parts.append(f"tgt_rank:{rank_value:.1f}")
+                  f"tgt_std:{metrics['tgt_std_mean']:.3f}/{metrics['tgt_std_min']:.3f}",
+                  f"tgt_rank:{metrics['tgt_rank']:.1f}"]
     if hp.jepa_enabled:
         parts.append(f"jepa_w:{schedule['jepa_weight']:.4f}")
         if hp.jepa_only_fraction > 0:
@@ -2017,6 +2067,21 @@ class TrainingClock:
         return self.accumulated_ms + running
 
 
+def prime_and_undo(trainer: Trainer) -> int:
+    """WARMUP_STEPS: prime compilation and the allocator on the real step function, then undo every
+    effect (weights, optimizer states, averages, data position, generators). A JEPA run alternates
+    the JEPA step and the vanilla step (its zero-weight steps), at least one of each, whatever its
+    schedule says at those steps: nothing compiles once the training clock runs. Returns the count."""
+    paths: list[float | None] = [None] if trainer.head is None else [trainer.hp.jepa_weight, 0.0]
+    count = max(trainer.hp.warmup_steps, len(paths))
+    saved = copy.deepcopy(trainer.modules_state())
+    for warmup_step in range(count):
+        trainer.step(warmup_step, lambda: 0.0, jepa_weight=paths[warmup_step % len(paths)])
+    trainer.load_modules_state(saved)
+    trainer.reset_stream_state()
+    return count
+
+
 def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     code = Path(__file__).read_text(encoding="utf-8")
     code_bytes = len(code.encode("utf-8"))
@@ -2062,13 +2127,9 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"max_wallclock_seconds:{hp.max_wallclock_seconds} final_ema:{hp.final_ema_enabled()} seed:{hp.seed}")
     if hp.warmup_steps > 0:
-        # Prime compilation and the allocator on the real step function, then undo every effect.
-        saved = copy.deepcopy(trainer.modules_state())
-        for warmup_step in range(hp.warmup_steps):
-            trainer.step(warmup_step, lambda: 0.0)
-        trainer.load_modules_state(saved)
-        trainer.reset_stream_state()
-        log(f"warmup: {hp.warmup_steps} compile-priming steps done and undone")
+        primed = prime_and_undo(trainer)
+        log(f"warmup: {primed} compile-priming steps ({'JEPA and vanilla paths' if trainer.head else 'vanilla path'}) "
+            f"done and undone")
 
     summary: dict[str, Any] = {
         "run_id": run_id, "status": "running", "config": dataclasses.asdict(hp),
@@ -2160,21 +2221,24 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
             if max_wallclock_ms > 0 and stop_after is None and trainer.agreed_elapsed_ms >= max_wallclock_ms:
                 stop_after = step
             if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or step == stop_after):
-                approx_ms = clock.elapsed_ms()
+                # Logging, and the JEPA diagnostics with it, is not training: the clock is paused.
+                train_ms = clock.pause()
                 metrics = trainer.read_metrics()
-                rank_value = trainer.target_effective_rank() if "jepa_loss" in metrics else None
-                remaining_ms = (hp.iterations - step) * (approx_ms / step)
+                if "jepa_loss" in metrics and runtime.master and trainer.last_jepa_batch is not None:
+                    metrics.update(trainer.jepa_diagnostics())
+                remaining_ms = (hp.iterations - step) * (train_ms / step)
                 if max_wallclock_ms > 0:
-                    remaining_ms = min(remaining_ms, max(max_wallclock_ms - approx_ms, 0.0))
-                log(format_train_line(step, hp, metrics, outcome, approx_ms, remaining_ms / 1000.0, rank_value))
+                    remaining_ms = min(remaining_ms, max(max_wallclock_ms - train_ms, 0.0))
+                log(format_train_line(step, hp, metrics, outcome, train_ms, remaining_ms / 1000.0))
                 # Collapse is judged on the target side: MSE-optimal predictions are legitimately
                 # narrower than their targets, but shrinking targets make the objective trivial.
                 if "tgt_std_mean" in metrics and metrics["tgt_std_mean"] < hp.collapse_std_floor:
                     log(f"warning: latent collapse at step {step}: target latent std {metrics['tgt_std_mean']:.4f} "
                         f"< COLLAPSE_STD_FLOOR={hp.collapse_std_floor} (pred_std {metrics['pred_std_mean']:.4f}); "
                         f"an anti-collapse term (ANTI_COLLAPSE, VICREG_ON) or an EMA target prevents it")
-                summary["train_history"].append({"step": step, "train_time_ms": round(approx_ms, 1), **metrics,
+                summary["train_history"].append({"step": step, "train_time_ms": round(train_ms, 1), **metrics,
                                                  "jepa_weight": outcome["jepa_weight"]})
+                clock.start()
             if outcome["stop"]:
                 train_ms = clock.pause()
                 last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)

@@ -20,7 +20,7 @@ def test_target_fraction_one_equals_the_full_computation_and_a_half_uses_the_fir
         with torch.no_grad():
             _, target_features = trainer.target_encoder(used, feature_layer=layer, last_layer=layer)
         ce, context_features = trainer.model(inputs, targets, feature_layer=layer)
-        prediction, regulariser, _ = trainer.head(context_features[: used.size(0)], target_features)
+        prediction, regulariser = trainer.head(context_features[: used.size(0)], target_features)
         assert torch.equal(terms.ce, ce)  # CE always sees the whole micro-batch
         assert torch.allclose(terms.prediction, prediction, rtol=1e-6, atol=1e-7)
         assert torch.allclose(terms.regulariser, regulariser, rtol=1e-6, atol=1e-7)

@@ -104,7 +104,7 @@ def test_decay_zero_reuses_the_online_features_exactly(tiny_dataset):
     with torch.no_grad():
         _, target_features = explicit_target(inputs, feature_layer=layer, last_layer=layer)
     _, context_features = trainer.model(inputs, targets, feature_layer=layer)
-    prediction, regulariser, _ = trainer.head(context_features, target_features)
+    prediction, regulariser = trainer.head(context_features, target_features)
     assert torch.allclose(terms.prediction, prediction, atol=1e-6, rtol=1e-5)
     assert torch.allclose(terms.regulariser, regulariser, atol=1e-6, rtol=1e-5)
 
@@ -169,7 +169,7 @@ def test_multi_horizon_weights_and_targets(tiny_dataset):
     assert head.offsets == [1, 2, 4] and len(head.predictors) == 3
     assert head.offset_weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
     context, target = torch.randn(2, 16, hp.model_dim), torch.randn(2, 16, hp.model_dim)
-    loss, _, _ = head(context, target)
+    loss, _ = head(context, target)
     z_context = head.context_projection(T.rms_norm(context))
     z_target = head.target_projection(T.rms_norm(target))
     expected = sum(w * torch.nn.functional.mse_loss(pred(z_context[:, :16 - k]), z_target[:, k:])
