@@ -1,29 +1,44 @@
-"""A/B harness: arms x seeds of train_gpt_jepa.py at an equal budget, with Welch statistics,
-curves, a submission.json and a record folder built from the runs' own summaries.
+"""A/B harness: arms x seeds of train_gpt_jepa.py at an equal budget, paired statistics by seed,
+a leaderboard, pictures, a submission.json and a record folder built from the runs' own summaries.
 
-    # JEPA (the current configuration) against its vanilla control, 3 seeds, 600 s of training each
-    python3 scripts/ab.py --seeds 1,2,3 --env "MAX_WALLCLOCK_SECONDS=600" \\
-        --launcher "torchrun --standalone --nproc_per_node=8" --out ab/next_vs_vanilla
-    # named arms, an equal number of steps, on the CPU
+    # JEPA (the current configuration) against its vanilla control at equal compute, 3 seeds:
+    # the vanilla arm runs 2000 steps, the JEPA arm as many as the same compute buys
+    python3 scripts/ab.py --seeds 1,2,3 --env "ITERATIONS=2000" --out ab/next_vs_vanilla
+    # a sweep: the cartesian grid (6 arms) beside the vanilla baseline, on the CPU
+    PRESET=tiny python3 scripts/ab.py --grid "JEPA_WEIGHT=0.001,0.01,0.1 TARGET_EMA_DECAY=0,0.99" \\
+        --seeds 1,2,3 --env "ITERATIONS=200" --out ab/sweep_tiny
+    # the per-step question: every arm the same number of steps
     PRESET=tiny python3 scripts/ab.py --arm span:"JEPA_MODE=span" --arm vanilla:"JEPA_WEIGHT=0" \\
-        --seeds 1,2,3 --budget steps --env "ITERATIONS=200" --out ab/span_tiny
-    # the same command again reuses every finished run; add a submission and a record folder
+        --budget steps --env "ITERATIONS=200" --out ab/span_tiny
+    # the same command again reuses every finished run; --seeds 1,2,3,4,5 adds two seeds only
     python3 scripts/ab.py ... --no-run --write-submission span --record records/span_tiny
 
-Every run is one trainer process with identical settings except its arm's variables and SEED,
-run one after another (equal wall-clock budgets need an idle machine), interleaved by seed so
-that drift of the machine hits every arm alike. Its logs are the trainer's own:
-LOG_DIR/<RUN_ID>.txt and LOG_DIR/<RUN_ID>.json with RUN_ID = <tag>_<arm>_s<seed>; a run whose
-summary says "completed" (with the same settings) is reused, never run again.
+Budgets (the question each answers):
+- compute (default): "is it better for the same compute?" Before any run, every arm's step time
+  is measured in one process (scripts/bench.py: the real Trainer.step, interleaved rounds) on
+  the device the runs use; the baseline runs ITERATIONS and every other arm
+  round(ITERATIONS * t_baseline / t_arm) steps, with no wall-clock cap, so a busy machine can
+  slow a run but never change its result. The measurement is kept in OUT/step_times.json and
+  reused by reruns (new arms are measured beside the baseline).
+- steps: "is it better per step?" (the challenge's sign of life): ITERATIONS for every arm.
+- wallclock: MAX_WALLCLOCK_SECONDS of training per run; only on dedicated machines, since on a
+  shared one the budget measures the machine's load.
 
-The score is the int6+lzma roundtrip val_bpb (lower is better). The first arm is the candidate;
-the baseline is --baseline, else the arm with JEPA_WEIGHT=0, else the last one. Every other arm
-is compared with it: difference of means, its 95% confidence interval and the one-sided Welch
-p-value for "arm < baseline", the form in which the challenge accepts a claim (p < 0.01).
-Student's t comes from scipy when it is installed, else from the implementation below.
+Every run is one trainer process with identical settings except its arm's variables, SEED and
+(under compute) ITERATIONS, run one after another and interleaved by seed. Its logs are the
+trainer's own: LOG_DIR/<RUN_ID>.txt and .json with RUN_ID = <tag>_<arm>_s<seed>; a run whose
+summary says "completed" with the same settings is reused, never run again.
 
-Outputs in --out: table.md (also printed), curves.png, console/<RUN_ID>.log (each run's
-stdout and stderr), artifacts/<RUN_ID>.int6.ptz, and submission.json with --write-submission.
+The score is the int6+lzma roundtrip val_bpb (lower is better). The baseline is --baseline, else
+the arm with JEPA_WEIGHT=0 (with --grid one is added if no arm has it), else the last arm. Arms
+with the same SEED start from the same backbone and see the same batches, so each arm is
+compared with the baseline by the paired t test on per-seed differences (Welch's test beside
+it), Holm-corrected across the candidate arms, with the minimum detectable difference of the
+observed spread (scripts/ab_stats.py). The challenge accepts a claim at p < 0.01.
+
+Outputs in --out: table.md (also printed), effects.png and effects.json (paired differences with
+CIs, step-time cost), curves.png, step_times.json (compute budget), console/<RUN_ID>.log,
+artifacts/<RUN_ID>.int6.ptz, and submission.json with --write-submission.
 Exit status: 0 done, 1 a run failed (its log tail is printed), 2 a usage error.
 """
 
@@ -33,6 +48,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -42,20 +58,28 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAINER_PATH = REPO_ROOT / "train_gpt_jepa.py"
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+import ab_figures  # noqa: E402
+import ab_stats  # noqa: E402
 
-SIGNIFICANCE_LEVEL = 0.01  # the challenge's bar for a claimed improvement
-CONFIDENCE = 0.95
+REPO_ROOT = SCRIPTS.parent
+TRAINER_PATH = REPO_ROOT / "train_gpt_jepa.py"
+BENCH_PATH = SCRIPTS / "bench.py"
+
 WALLCLOCK_ITERATIONS = 1_000_000  # under a wall-clock budget: so high that the clock binds for every arm
 LOG_TAIL_LINES = 20
-ARM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+CURVE_ARMS = 4  # curves.png draws the best few arms of the leaderboard and the baseline
+STEP_TIMES_FILE = "step_times.json"
+ARM_NAME = re.compile(r"^[A-Za-z0-9_.,=+-]+$")  # also a file name: no spaces or slashes
 SETTING_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # Set by this harness for every run: the user may not set them for all runs or for one arm.
 HARNESS_SETTINGS = ("SEED", "RUN_ID", "ARTIFACT_PATH", "EVAL_ONLY")
@@ -72,135 +96,6 @@ class UserError(Exception):
 
 class RunFailed(Exception):
     """A trainer run that did not complete: printed with its log tail, exit status 1."""
-
-
-# =============================================================================
-# STATISTICS: Student's t and Welch's test
-# =============================================================================
-# Own implementation, used when scipy is missing: the t distribution's CDF through the
-# regularized incomplete beta function, I_x(a, b), evaluated by its continued fraction.
-
-
-def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
-    """I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    # The continued fraction converges fast only below the mean of Beta(a, b); above it use the
-    # symmetry I_x(a, b) = 1 - I_{1-x}(b, a).
-    if x > (a + 1.0) / (a + b + 2.0):
-        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)
-    log_prefactor = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
-    prefactor = math.exp(log_prefactor) / a
-    # I_x(a, b) = prefactor / (1 + d1 / (1 + d2 / (1 + ...))), evaluated with Lentz's method.
-    tiny = 1e-300
-    fraction, c_term, d_term = 1.0, 1.0, 0.0
-    for index in range(1, 1000):
-        m = index // 2
-        if index % 2 == 1:
-            numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:
-            numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d_term = 1.0 + numerator * d_term
-        d_term = 1.0 / (d_term if abs(d_term) > tiny else tiny)
-        c_term = 1.0 + numerator / c_term
-        c_term = c_term if abs(c_term) > tiny else tiny
-        delta = c_term * d_term
-        fraction *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return prefactor / fraction
-
-
-def student_t_cdf_own(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with df > 0 degrees of freedom (df need not be an integer)."""
-    # The two-sided tail P(|T| > |t|) is I_x(df/2, 1/2) with x = df / (df + t^2).
-    two_sided_tail = regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
-    return 1.0 - 0.5 * two_sided_tail if t > 0 else 0.5 * two_sided_tail
-
-
-def student_t_quantile_own(probability: float, df: float) -> float:
-    """The t with P(T <= t) = probability, by bisection on the CDF (monotone, so always safe)."""
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"probability {probability} is not in (0, 1)")
-    if probability < 0.5:
-        return -student_t_quantile_own(1.0 - probability, df)
-    low, high = 0.0, 1.0
-    while student_t_cdf_own(high, df) < probability:
-        low, high = high, 2.0 * high
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if student_t_cdf_own(middle, df) < probability:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-13 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
-
-
-def _scipy_t() -> Any | None:
-    try:
-        from scipy import stats
-    except ImportError:
-        return None
-    return stats.t
-
-
-def stats_backend() -> str:
-    """'scipy' when scipy is importable (the issue asks for it), else 'own'."""
-    return "scipy" if _scipy_t() is not None else "own"
-
-
-def student_t_cdf(t: float, df: float, backend: str | None = None) -> float:
-    if (backend or stats_backend()) == "scipy":
-        return float(_scipy_t().cdf(t, df))
-    return student_t_cdf_own(t, df)
-
-
-def student_t_quantile(probability: float, df: float, backend: str | None = None) -> float:
-    if (backend or stats_backend()) == "scipy":
-        return float(_scipy_t().ppf(probability, df))
-    return student_t_quantile_own(probability, df)
-
-
-@dataclass
-class WelchResult:
-    """mean(sample) - mean(baseline), with Welch's t test of H1: sample < baseline."""
-
-    difference: float | None
-    std_error: float | None = None
-    t: float | None = None
-    df: float | None = None
-    p_one_sided: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    reason: str = ""  # why there is no p-value, when there is none
-
-
-def welch_test(sample: list[float], baseline: list[float], backend: str | None = None) -> WelchResult:
-    """Welch's unequal-variance t test; df from the Welch-Satterthwaite equation."""
-    n_sample, n_baseline = len(sample), len(baseline)
-    if n_sample == 0 or n_baseline == 0:
-        return WelchResult(None, reason="no completed run in one of the arms")
-    difference = statistics.fmean(sample) - statistics.fmean(baseline)
-    if n_sample < 2 or n_baseline < 2:
-        return WelchResult(difference, reason=(
-            f"no p-value: {min(n_sample, n_baseline)} seed in an arm; Welch's test needs >= 2 seeds per arm "
-            f"(it estimates each arm's variance from its seeds)"))
-    term_sample = statistics.variance(sample) / n_sample
-    term_baseline = statistics.variance(baseline) / n_baseline
-    variance_of_difference = term_sample + term_baseline
-    if variance_of_difference == 0.0:
-        return WelchResult(difference, reason="no p-value: every seed of both arms gave the same value "
-                                              "(zero variance)")
-    std_error = math.sqrt(variance_of_difference)
-    t = difference / std_error
-    df = variance_of_difference ** 2 / (term_sample ** 2 / (n_sample - 1) + term_baseline ** 2 / (n_baseline - 1))
-    half_width = student_t_quantile(0.5 + CONFIDENCE / 2.0, df, backend) * std_error
-    return WelchResult(difference, std_error, t, df, student_t_cdf(t, df, backend),
-                       difference - half_width, difference + half_width)
 
 
 # =============================================================================
@@ -230,7 +125,7 @@ class Plan:
     arms: list[Arm]
     baseline: str
     seeds: list[int]
-    budget: str
+    budget: str  # compute | steps | wallclock
     common: dict[str, str]  # settings shared by every run: from the environment, --env and the budget
     from_environment: dict[str, str]  # the trainer variables found in the caller's environment
     base_environment: dict[str, str]  # what the trainer inherits besides its settings (PATH, OMP_*, ...)
@@ -238,12 +133,25 @@ class Plan:
     out_dir: Path
     log_dir: Path
     runs: list[Run] = field(default_factory=list)
+    # --budget compute: each arm's step time (ms), ratio to the baseline's and ITERATIONS.
+    step_times: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, int] = field(default_factory=dict)  # steps, rounds, warmup of that measurement
 
     def arm_runs(self, arm: str) -> list[Run]:
         return [run for run in self.runs if run.arm == arm and run.outcome in ("reused", "ran")]
 
     def arm_values(self, arm: str, key: str) -> list[float]:
         return [run.summary[key] for run in self.arm_runs(arm) if run.summary.get(key) is not None]
+
+    def seed_scores(self, arm: str, key: str = "roundtrip_val_bpb") -> dict[int, float]:
+        return {run.seed: run.summary[key] for run in self.arm_runs(arm) if run.summary.get(key) is not None}
+
+    def arm_settings(self, arm: str) -> dict[str, str]:
+        return next(a.settings for a in self.arms if a.name == arm)
+
+    def iterations(self, arm: str) -> int | None:
+        entry = self.step_times.get(arm)
+        return entry["iterations"] if entry else None
 
 
 def parse_settings(text: str, where: str) -> dict[str, str]:
@@ -257,17 +165,49 @@ def parse_settings(text: str, where: str) -> dict[str, str]:
     return settings
 
 
+def check_arm_settings(name: str, settings: Mapping[str, str], where: str) -> None:
+    for variable in HARNESS_SETTINGS + BUDGET_SETTINGS:
+        if variable in settings:
+            raise UserError(f"{where} sets {variable}: every arm must share it (put it in --env), "
+                            f"and SEED, RUN_ID, ARTIFACT_PATH are set by this harness")
+
+
 def parse_arm(text: str) -> Arm:
     """NAME:"ENV=V ENV=V" (or a bare NAME: the common configuration as it is)."""
     name, _, settings = text.partition(":")
     if not ARM_NAME.match(name):
-        raise UserError(f"--arm {text!r}: expected NAME:\"ENV=V ...\" with a NAME of letters, digits, '-' and '_'")
+        raise UserError(f"--arm {text!r}: expected NAME:\"ENV=V ...\" with a NAME of letters, digits and . , = + - _")
     arm = Arm(name, parse_settings(settings, f"--arm {name}"))
-    for variable in HARNESS_SETTINGS + BUDGET_SETTINGS:
-        if variable in arm.settings:
-            raise UserError(f"--arm {name} sets {variable}: every arm must share it (put it in --env), "
-                            f"and SEED, RUN_ID, ARTIFACT_PATH are set by this harness")
+    check_arm_settings(name, arm.settings, f"--arm {name}")
     return arm
+
+
+def grid_arm_name(settings: Mapping[str, str]) -> str:
+    """{'JEPA_WEIGHT': '0.01', 'TARGET_EMA_DECAY': '0'} -> 'jepa_weight=0.01+target_ema_decay=0'."""
+    return "+".join(f"{name.lower()}={value}" for name, value in settings.items())
+
+
+def parse_grid(text: str) -> list[Arm]:
+    """"A=1,2 B=x,y" -> the cartesian arms A=1 B=x, A=1 B=y, A=2 B=x, A=2 B=y, named from their
+    settings. Values are separated by commas, or by '|' when a value itself holds commas
+    (JEPA_OFFSETS=1|1,2,4,8)."""
+    axes: list[tuple[str, list[str]]] = []
+    for name, values in parse_settings(text, "--grid").items():
+        choices = [value for value in values.split("|" if "|" in values else ",")]
+        if not all(choices) or len(set(choices)) != len(choices):
+            raise UserError(f"--grid {name}={values}: expected distinct non-empty values separated by ',' (or '|')")
+        axes.append((name, choices))
+    if not axes:
+        raise UserError("--grid: expected NAME=V1,V2 ... with at least one variable")
+    arms = []
+    for combination in itertools.product(*[choices for _, choices in axes]):
+        settings = {name: value for (name, _), value in zip(axes, combination)}
+        arm = Arm(grid_arm_name(settings), settings)
+        if not ARM_NAME.match(arm.name):
+            raise UserError(f"--grid: the arm name {arm.name!r} would not be a file name: use --arm for it")
+        check_arm_settings(arm.name, settings, f"--grid {text!r}")
+        arms.append(arm)
+    return arms
 
 
 def is_zero(value: str) -> bool:
@@ -286,21 +226,69 @@ def load_trainer_module() -> Any:
     return train_gpt_jepa
 
 
-def build_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
-    trainer = load_trainer_module()
-    trainer_variables = {f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)} | {"PRESET"}
-
-    arms = [parse_arm(text) for text in args.arm] or [Arm("jepa", {}), Arm("vanilla", {"JEPA_WEIGHT": "0"})]
+def choose_arms(args: argparse.Namespace) -> tuple[list[Arm], str]:
+    """The arms (explicit, then grid) and the baseline's name."""
+    arms = [parse_arm(text) for text in args.arm]
+    for text in args.grid:
+        arms += parse_grid(text)
+    if not arms:
+        arms = [Arm("jepa", {}), Arm("vanilla", {"JEPA_WEIGHT": "0"})]
+    vanilla_arms = [arm.name for arm in arms if is_zero(arm.settings.get("JEPA_WEIGHT", "nan"))]
+    if args.grid and args.baseline is None and not vanilla_arms:
+        arms.append(Arm("vanilla", {"JEPA_WEIGHT": "0"}))  # a sweep is always against the control
+        vanilla_arms = ["vanilla"]
     if len(arms) < 2:
-        raise UserError("an A/B needs at least two --arm")
-    if len({arm.name for arm in arms}) != len(arms):
-        raise UserError("two arms have the same name")
+        raise UserError("an A/B needs at least two arms (--arm, --grid)")
     names = [arm.name for arm in arms]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UserError(f"two arms have the same name: {', '.join(duplicates)}")
     if args.baseline is not None and args.baseline not in names:
         raise UserError(f"--baseline {args.baseline}: not an arm (arms: {', '.join(names)})")
-    vanilla_arms = [arm.name for arm in arms if is_zero(arm.settings.get("JEPA_WEIGHT", "nan"))]
-    baseline = args.baseline or (vanilla_arms[0] if vanilla_arms else arms[-1].name)
+    return arms, args.baseline or (vanilla_arms[0] if vanilla_arms else arms[-1].name)
 
+
+def apply_budget(budget: str, common: dict[str, str], resolve: Callable[[dict[str, str]], Any]) -> None:
+    """Check --env against the budget and fix the settings every run shares."""
+    if budget in ("steps", "compute"):
+        if "ITERATIONS" not in common:
+            example = "the baseline's steps" if budget == "compute" else "every arm's steps"
+            raise UserError(f'--budget {budget} needs ITERATIONS ({example}) in --env, e.g. --env "ITERATIONS=2000"')
+        if not is_zero(common.get("MAX_WALLCLOCK_SECONDS", "0")):
+            raise UserError(f"--budget {budget} runs without a wall-clock cap: remove MAX_WALLCLOCK_SECONDS "
+                            f"(={common['MAX_WALLCLOCK_SECONDS']}) from --env and the environment")
+        common["MAX_WALLCLOCK_SECONDS"] = "0"
+        if budget == "compute" and common.get("FINAL_EMA", "-1").strip() == "-1":
+            # FINAL_EMA=-1 switches on at ITERATIONS >= 1000: arms with scaled step counts must
+            # not differ in it, so every arm gets the baseline's resolved value.
+            common["FINAL_EMA"] = "1" if resolve(common).final_ema_enabled() else "0"
+        return
+    try:
+        seconds = float(common.get("MAX_WALLCLOCK_SECONDS", "nan"))
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise UserError('--budget wallclock needs MAX_WALLCLOCK_SECONDS > 0 in --env, '
+                        'e.g. --env "MAX_WALLCLOCK_SECONDS=600"')
+    common.setdefault("ITERATIONS", str(WALLCLOCK_ITERATIONS))
+
+
+# Measures {arm: settings} in one process; returns ({arm: (step ms, ratio to the baseline)}, device).
+StepTimer = Callable[["Plan", dict[str, dict[str, str]]], tuple[dict[str, tuple[float, float]], str]]
+
+
+def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer: StepTimer | None = None) -> Plan:
+    """Arms, seeds, settings and, under --budget compute, every arm's ITERATIONS from measured step
+    times (step_timer measures {arm: settings} and returns ({arm: ms}, device); injectable for tests)."""
+    trainer = load_trainer_module()
+    trainer_variables = {f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)} | {"PRESET"}
+    arms, baseline = choose_arms(args)
+    names = [arm.name for arm in arms]
+    # Checked before any measurement or run: hours later would be too late.
+    if args.write_submission is not None and args.write_submission not in names:
+        raise UserError(f"--write-submission {args.write_submission}: not an arm (arms: {', '.join(names)})")
+    if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
+        raise UserError(f"--record {args.record}: the folder exists and is not empty")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
@@ -319,52 +307,138 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
             if variable in extra:
                 raise UserError(f"--env sets {variable}: this harness sets it for each run")
         common.update(extra)
+    base_environment = {name: value for name, value in environ.items() if name not in trainer_variables}
 
-    # Equal budget for every arm: steps, or training wall-clock (JEPA costs time per step).
-    if args.budget == "steps":
-        if "ITERATIONS" not in common:
-            raise UserError('--budget steps needs ITERATIONS in --env, e.g. --env "ITERATIONS=2000"')
-        if not is_zero(common.get("MAX_WALLCLOCK_SECONDS", "0")):
-            raise UserError("--budget steps runs without a wall-clock cap: remove MAX_WALLCLOCK_SECONDS "
-                            f"(={common['MAX_WALLCLOCK_SECONDS']}) from --env and the environment")
-        common["MAX_WALLCLOCK_SECONDS"] = "0"
-    else:
-        try:
-            seconds = float(common.get("MAX_WALLCLOCK_SECONDS", "nan"))
-        except ValueError:
-            seconds = math.nan
-        if not seconds > 0:
-            raise UserError('--budget wallclock needs MAX_WALLCLOCK_SECONDS > 0 in --env, '
-                            'e.g. --env "MAX_WALLCLOCK_SECONDS=600"')
-        common.setdefault("ITERATIONS", str(WALLCLOCK_ITERATIONS))
+    def resolve(settings: dict[str, str]) -> Any:
+        try:  # unknown names (typos) and malformed values fail here, before any run starts
+            return trainer.load_hyperparameters({**base_environment, **settings})
+        except trainer.ConfigError as error:
+            raise UserError(str(error)) from None
+
+    apply_budget(args.budget, common, resolve)
 
     out_dir = Path(args.out).resolve()
     tag = args.tag or re.sub(r"[^A-Za-z0-9_-]+", "_", out_dir.name).strip("_") or "ab"
     if not ARM_NAME.match(tag):
         raise UserError(f"--tag {tag!r}: use letters, digits, '-' and '_'")
     log_dir = REPO_ROOT / common.get("LOG_DIR", "logs")  # runs start in the repository root
-    base_environment = {name: value for name, value in environ.items() if name not in trainer_variables}
     plan = Plan(arms, baseline, seeds, args.budget, common, from_environment, base_environment,
-                shlex.split(args.launcher) or [sys.executable], out_dir, log_dir)
+                shlex.split(args.launcher) or [sys.executable], out_dir, log_dir,
+                calibration={"steps": args.calibration_steps, "rounds": args.calibration_rounds,
+                             "warmup": args.calibration_warmup})
 
-    configs_by_arm: dict[str, dict[str, Any]] = {}
+    # Two arms that train the same thing would make a meaningless comparison: refuse them before
+    # any measurement or run.
+    configs: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        try:
+            config = dataclasses.asdict(resolve({**common, **arm.settings}))
+        except UserError as error:
+            raise UserError(f"arm {arm.name}: {error}") from None
+        configs[arm.name] = {k: v for k, v in config.items() if k not in LOCATION_FIELDS}
+    for index, arm in enumerate(arms):
+        for other in arms[index + 1:]:
+            if configs[arm.name] == configs[other.name]:
+                raise UserError(f"arms {arm.name} and {other.name} resolve to the same configuration")
+
+    if args.budget == "compute":
+        plan.step_times = calibrate(plan, args, step_timer or measure_step_times)
     for seed in seeds:  # interleaved: seed 1 of every arm, then seed 2, ...
         for arm in arms:
             run_id = f"{tag}_{arm.name}_s{seed}"
             settings = {**common, **arm.settings, "SEED": str(seed), "RUN_ID": run_id,
                         "ARTIFACT_PATH": str(out_dir / "artifacts" / f"{run_id}.int6.ptz")}
-            try:  # unknown names (typos) and malformed values fail here, before any run starts
-                hyperparameters = trainer.load_hyperparameters({**base_environment, **settings})
-            except trainer.ConfigError as error:
-                raise UserError(f"arm {arm.name}: {error}") from None
-            config = json.loads(json.dumps(dataclasses.asdict(hyperparameters)))
+            if plan.step_times:
+                settings["ITERATIONS"] = str(plan.iterations(arm.name))
+            config = json.loads(json.dumps(dataclasses.asdict(resolve(settings))))
             plan.runs.append(Run(arm.name, seed, run_id, settings, config))
-            configs_by_arm[arm.name] = {k: v for k, v in config.items() if k not in LOCATION_FIELDS}
-    for index, arm in enumerate(arms):
-        for other in arms[index + 1:]:
-            if configs_by_arm[arm.name] == configs_by_arm[other.name]:
-                raise UserError(f"arms {arm.name} and {other.name} resolve to the same configuration")
     return plan
+
+
+# =============================================================================
+# EQUAL COMPUTE: step times measured in one process
+# =============================================================================
+
+
+def timing_settings(plan: Plan, arm: Arm) -> dict[str, str]:
+    """What determines an arm's step time: its settings without the step count and log folder."""
+    return {name: value for name, value in {**plan.common, **arm.settings}.items()
+            if name not in ("ITERATIONS", "LOG_DIR")}
+
+
+def compute_iterations(baseline_iterations: int, ratios: Mapping[str, float]) -> dict[str, int]:
+    """Equal compute: an arm whose step costs ratio x the baseline's gets 1/ratio of its steps."""
+    return {arm: max(1, round(baseline_iterations / ratio)) for arm, ratio in ratios.items()}
+
+
+def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> dict[str, dict[str, Any]]:
+    """Every arm's step time relative to the baseline's, measured in one process, and its
+    ITERATIONS. Kept in OUT/step_times.json: a rerun reuses it (the same ITERATIONS, so finished
+    runs stay valid); arms that are new or whose settings changed are measured beside the
+    baseline; a changed baseline remeasures everything."""
+    path = plan.out_dir / STEP_TIMES_FILE
+    stored: dict[str, Any] = {"arms": {}}
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: not readable ({error}); delete it to measure again") from None
+    by_name = {arm.name: arm for arm in plan.arms}
+    valid = {name: entry for name, entry in stored.get("arms", {}).items()
+             if name in by_name and entry.get("settings") == timing_settings(plan, by_name[name])}
+    if plan.baseline not in valid:
+        valid = {}
+    missing = [arm.name for arm in plan.arms if arm.name not in valid]
+    if missing:
+        if args.no_run:
+            raise UserError(f"--no-run: no step times for arm(s) {', '.join(missing)} in {path} "
+                            f"(--budget compute measures them before running)")
+        measured = [plan.baseline] + [name for name in missing if name != plan.baseline]
+        print(f"measuring step times of {len(measured)} arm(s) in one process "
+              f"({args.calibration_steps} steps x {args.calibration_rounds} rounds) ...", flush=True)
+        timings, device = step_timer(plan, {name: timing_settings(plan, by_name[name]) for name in measured})
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for name in missing:
+            step_ms, ratio = timings[name]
+            valid[name] = {"settings": timing_settings(plan, by_name[name]), "step_ms": step_ms,
+                           "ratio": 1.0 if name == plan.baseline else ratio, "device": device, "measured_at": when,
+                           "steps": args.calibration_steps, "rounds": args.calibration_rounds}
+    baseline_iterations = int(plan.common["ITERATIONS"])
+    iterations = compute_iterations(baseline_iterations, {name: entry["ratio"] for name, entry in valid.items()})
+    for name, entry in valid.items():
+        entry["iterations"] = iterations[name]
+    record = {"baseline": plan.baseline, "baseline_iterations": baseline_iterations,
+              "arms": {arm.name: valid[arm.name] for arm in plan.arms}}
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return record["arms"]
+
+
+def measure_step_times(plan: Plan, settings_by_arm: dict[str, dict[str, str]]
+                       ) -> tuple[dict[str, tuple[float, float]], str]:
+    """scripts/bench.py --spec in a subprocess with the runs' environment (threads, visible devices):
+    one process builds every arm's Trainer and times its real step in interleaved rounds; each
+    ratio is the median over rounds of the arm's time over the baseline's in the same round."""
+    args = plan.calibration
+    console_path = plan.out_dir / "console" / "step_times.log"
+    console_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        spec, result = Path(folder) / "spec.json", Path(folder) / "times.json"
+        spec.write_text(json.dumps(settings_by_arm), encoding="utf-8")
+        command = [sys.executable, str(BENCH_PATH), "--spec", str(spec), "--baseline", plan.baseline,
+                   "--json", str(result), "--steps", str(args["steps"]), "--rounds", str(args["rounds"]),
+                   "--warmup", str(args["warmup"])]
+        with open(console_path, "w", encoding="utf-8") as console:
+            code = subprocess.run(command, cwd=REPO_ROOT, env=plan.base_environment, stdout=console,
+                                  stderr=subprocess.STDOUT, check=False).returncode
+        if code != 0 or not result.is_file():
+            raise RunFailed(f"measuring step times failed (exit status {code}); last lines of {console_path}:\n"
+                            f"{log_tail(console_path)}")
+        measured = json.loads(result.read_text(encoding="utf-8"))
+    print(console_path.read_text(encoding="utf-8"), end="", flush=True)
+    return {row["path"]: (row["step_avg_ms"], row["ratio"]) for row in measured["paths"]}, measured["device"]
 
 
 # =============================================================================
@@ -418,6 +492,14 @@ def launch(plan: Plan, run: Run) -> None:
         status = summary.get("status") if summary else "no summary"
         raise RunFailed(f"run {run.run_id} (arm {run.arm}, seed {run.seed}) failed: exit status {return_code}, "
                         f"{status}; last lines of {console_path}:\n{log_tail(console_path)}")
+    # The summary records the A/B it belongs to: budget, baseline and, under compute, the
+    # measured step-time ratio that set this run's ITERATIONS.
+    summary["ab"] = {"tag": run.run_id.rsplit(f"_{run.arm}_s", 1)[0], "arm": run.arm, "baseline": plan.baseline,
+                     "budget": plan.budget, "iterations": run.config["iterations"],
+                     "step_time_ratio": plan.step_times.get(run.arm, {}).get("ratio")}
+    temporary = summary_path(plan, run).with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, summary_path(plan, run))
     run.summary = summary
 
 
@@ -463,6 +545,84 @@ def execute(plan: Plan, no_run: bool, keep_going: bool) -> list[str]:
 
 
 # =============================================================================
+# ANALYSIS: paired differences against the baseline, Holm across arms
+# =============================================================================
+
+
+@dataclass
+class Comparison:
+    """One candidate arm against the baseline."""
+
+    arm: str
+    paired: ab_stats.TestResult  # the primary test: per-seed differences
+    welch: ab_stats.TestResult  # beside it: the arms as independent samples
+    pre_quant: ab_stats.TestResult  # paired, on the pre-quantisation val_bpb
+    seed_differences: dict[int, float]
+    p_holm: float | None = None
+    mde: float | None = None  # smallest difference these pairs detect (80% power, p < 0.01)
+    seeds_for_bar: int | None = None  # pairs that would detect the challenge's 0.005
+
+    @property
+    def significant(self) -> bool:
+        return (self.p_holm is not None and self.p_holm < ab_stats.SIGNIFICANCE_LEVEL
+                and self.paired.difference is not None and self.paired.difference < 0)
+
+    def verdict(self) -> str:
+        result = self.paired
+        if result.p_one_sided is None:
+            return result.reason
+        if self.significant:
+            return f"beats the baseline (Holm p < {ab_stats.SIGNIFICANCE_LEVEL})"
+        if 1.0 - result.p_one_sided < ab_stats.SIGNIFICANCE_LEVEL:
+            return f"loses to the baseline (p < {ab_stats.SIGNIFICANCE_LEVEL}, the other side)"
+        return f"tie: not significant at p < {ab_stats.SIGNIFICANCE_LEVEL}"
+
+
+def analyse(plan: Plan) -> list[Comparison]:
+    """Every candidate arm against the baseline, Holm-adjusted across them, sorted as the
+    leaderboard: by paired difference, best (most negative) first; arms without one last."""
+    baseline = plan.seed_scores(plan.baseline)
+    baseline_pre_quant = plan.seed_scores(plan.baseline, "val_bpb")
+    comparisons = []
+    for arm in plan.arms:
+        if arm.name == plan.baseline:
+            continue
+        scores = plan.seed_scores(arm.name)
+        paired = ab_stats.paired_test(scores, baseline)
+        comparisons.append(Comparison(
+            arm.name, paired, ab_stats.welch_test(list(scores.values()), list(baseline.values())),
+            ab_stats.paired_test(plan.seed_scores(arm.name, "val_bpb"), baseline_pre_quant),
+            {seed: scores[seed] - baseline[seed] for seed in sorted(scores) if seed in baseline},
+            mde=ab_stats.minimum_detectable_difference(paired.std_of_differences, paired.n),
+            seeds_for_bar=ab_stats.seeds_needed(paired.std_of_differences)))
+    for comparison, adjusted in zip(comparisons, ab_stats.holm_adjust([c.paired.p_one_sided for c in comparisons])):
+        comparison.p_holm = adjusted
+    return sorted(comparisons, key=lambda c: (c.paired.difference is None, c.paired.difference or 0.0))
+
+
+def effects_record(plan: Plan, comparisons: list[Comparison]) -> dict[str, Any]:
+    """effects.json: exactly the numbers effects.png draws (and the leaderboard prints)."""
+    return {
+        "metric": "roundtrip_val_bpb", "baseline": plan.baseline,
+        "baseline_settings": format_settings(plan.arm_settings(plan.baseline)),
+        "budget": plan.budget, "budget_text": budget_text(plan), "dataset": distinct(plan, "dataset"),
+        "device": distinct(plan, "device"), "trainer_sha256": distinct(plan, "code_sha256"),
+        "significance_level": ab_stats.SIGNIFICANCE_LEVEL, "bar": -ab_stats.CHALLENGE_EFFECT,
+        "baseline_iterations": plan.iterations(plan.baseline),
+        "baseline_seeds": sorted(plan.seed_scores(plan.baseline)),
+        "arms": [{
+            "arm": c.arm, "settings": format_settings(plan.arm_settings(c.arm)), "n_pairs": c.paired.n,
+            "difference": c.paired.difference, "ci_low": c.paired.ci_low, "ci_high": c.paired.ci_high,
+            "p_one_sided": c.paired.p_one_sided, "p_holm": c.p_holm, "significant": c.significant,
+            "welch_difference": c.welch.difference, "welch_p_one_sided": c.welch.p_one_sided,
+            "seed_differences": {str(seed): value for seed, value in c.seed_differences.items()},
+            "step_time_ratio": plan.step_times.get(c.arm, {}).get("ratio"), "iterations": plan.iterations(c.arm),
+            "mde": c.mde, "seeds_for_bar": c.seeds_for_bar, "verdict": c.verdict(),
+        } for c in comparisons],
+    }
+
+
+# =============================================================================
 # THE TABLE
 # =============================================================================
 
@@ -484,10 +644,6 @@ def distinct(plan: Plan, key: str) -> str:
     return ", ".join(values) or "—"
 
 
-def compare(plan: Plan, arm: str, other: str, key: str = "roundtrip_val_bpb") -> WelchResult:
-    return welch_test(plan.arm_values(arm, key), plan.arm_values(other, key))
-
-
 def table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -496,52 +652,69 @@ def format_optional(value: float | None, pattern: str) -> str:
     return format(value, pattern) if value is not None else "—"
 
 
-def verdict(result: WelchResult) -> str:
-    if result.p_one_sided is None:
-        return result.reason
-    if result.p_one_sided < SIGNIFICANCE_LEVEL:
-        return f"significant at p < {SIGNIFICANCE_LEVEL}: lower than the baseline"
-    return f"not significant at p < {SIGNIFICANCE_LEVEL}"
+def format_ci(result: ab_stats.TestResult) -> str:
+    return f"[{result.ci_low:+.4f}, {result.ci_high:+.4f}]" if result.ci_low is not None else "—"
 
 
 def budget_text(plan: Plan) -> str:
     if plan.budget == "steps":
         return f"steps: ITERATIONS={plan.common['ITERATIONS']} for every run, no wall-clock cap"
+    if plan.budget == "compute":
+        return (f"compute: baseline ITERATIONS={plan.common['ITERATIONS']}, every other arm "
+                f"round(ITERATIONS x t_baseline / t_arm) from step times measured in one process; "
+                f"no wall-clock cap")
     return (f"wall-clock: MAX_WALLCLOCK_SECONDS={plan.common['MAX_WALLCLOCK_SECONDS']} of training per run "
             f"(ITERATIONS={plan.common['ITERATIONS']} only as an upper bound)")
 
 
-def render_table(plan: Plan, command_line: str, failures: list[str]) -> str:
-    lines = [f"# A/B: {' vs '.join(arm.name for arm in plan.arms)}", ""]
+def render_table(plan: Plan, command_line: str, failures: list[str], comparisons: list[Comparison]) -> str:
+    lines = [f"# A/B: {len(plan.arms) - 1} arm(s) against `{plan.baseline}`", ""]
     for arm in plan.arms:
         described = f"`{format_settings(arm.settings)}`" if arm.settings else "the common settings as they are"
         lines.append(f"- arm `{arm.name}`{' (baseline)' if arm.name == plan.baseline else ''}: {described}")
-    backend = stats_backend()
-    backend_text = ("scipy.stats.t" if backend == "scipy"
-                    else "own Student t (regularized incomplete beta), scipy not installed")
     shas = distinct(plan, "code_sha256")
+    candidates = len(plan.arms) - 1
     lines += [
         f"- common settings: `{format_settings(plan.common)}`",
-        f"- seeds: {', '.join(map(str, plan.seeds))} (runs interleaved by seed)",
+        f"- seeds: {', '.join(map(str, plan.seeds))} (runs interleaved by seed; equal seeds share the initial "
+        f"backbone and the batches)",
         f"- budget: {budget_text(plan)}",
         f"- device: {distinct(plan, 'device')}; processes per run: {distinct(plan, 'world_size')}",
         f"- dataset: {distinct(plan, 'dataset')}",
         f"- trainer sha256: {shas}" + (" (**runs from different trainer versions**)" if "," in shas else ""),
         f"- command: `{command_line}`",
-        f"- statistics: {backend_text}",
+        (f"- statistics (scipy): paired t test on per-seed differences (primary), Welch's test beside it, "
+         f"Holm's correction across the {candidates} candidate arm(s); MDE: the smallest true difference the "
+         f"paired test detects with {ab_stats.POWER:.0%} power at p < {ab_stats.SIGNIFICANCE_LEVEL}"),
+        "- pictures: [effects.png](effects.png) (paired differences, step-time cost; numbers in "
+        "[effects.json](effects.json)), [curves.png](curves.png)",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        "## Per arm",
-        "",
-        "Mean ± sample standard deviation over the seeds; total bytes: the largest (artifact + code).",
-        "",
+    ]
+    if plan.step_times:
+        entry = plan.step_times[plan.baseline]
+        lines += [
+            "## Step times (equal compute)", "",
+            (f"Measured in one process before the runs with `scripts/bench.py` (the real Trainer.step, "
+             f"{entry['steps']} steps x {entry['rounds']} interleaved rounds; ratio: median over rounds of the "
+             f"arm's time over the baseline's in the same round) on {entry['device']}, "
+             f"{entry['measured_at']}; kept in [{STEP_TIMES_FILE}]({STEP_TIMES_FILE})."), "",
+            "| arm | step ms | ratio to baseline | ITERATIONS |", "|---|---|---|---|",
+        ]
+        lines += [table_row([arm.name, f"{plan.step_times[arm.name]['step_ms']:.1f}",
+                             f"{plan.step_times[arm.name]['ratio']:.3f}", str(plan.iterations(arm.name))])
+                  for arm in plan.arms]
+        lines.append("")
+    lines += [
+        "## Per arm", "",
+        "Mean ± sample standard deviation over the seeds; total bytes: the largest (artifact + code).", "",
         "| arm | n | roundtrip val_bpb | pre-quant val_bpb | sliding val_bpb | steps | step_avg_ms | total bytes |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm in plan.arms:
         runs = plan.arm_runs(arm.name)
         sliding = plan.arm_values(arm.name, "sliding_val_bpb")  # null when EVAL_STRIDE=0
-        cells = [
+        lines.append(table_row([
             arm.name, str(len(runs)),
             format_mean_std(plan.arm_values(arm.name, "roundtrip_val_bpb")),
             format_mean_std(plan.arm_values(arm.name, "val_bpb")),
@@ -549,26 +722,26 @@ def render_table(plan: Plan, command_line: str, failures: list[str]) -> str:
             format_mean_std(plan.arm_values(arm.name, "steps"), 0),
             format_mean_std(plan.arm_values(arm.name, "step_avg_ms"), 1),
             f"{max(run.summary['total_bytes'] for run in runs):,}" if runs else "—",
-        ]
-        lines.append(table_row(cells))
+        ]))
     lines += [
-        "", f"## Against the baseline `{plan.baseline}` (roundtrip val_bpb, lower is better)", "",
-        (f"Difference = mean(arm) - mean(baseline); {CONFIDENCE:.0%} CI from Welch's t with Welch-Satterthwaite "
-         "df; one-sided p for H1: arm < baseline."),
-        "",
-        "| arm | difference | 95% CI | t | df | one-sided p | pre-quant difference | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "", f"## Leaderboard against the baseline `{plan.baseline}` (roundtrip val_bpb, lower is better)", "",
+        ("Paired difference = mean over common seeds of arm - baseline, its 95% CI and the one-sided p for "
+         "H1: arm < baseline; Holm p adjusts that p across the candidate arms; Welch treats the arms as "
+         f"independent samples. MDE: smallest true difference detectable at {ab_stats.POWER:.0%} power and "
+         f"p < {ab_stats.SIGNIFICANCE_LEVEL} with these pairs' spread; seeds for "
+         f"{ab_stats.CHALLENGE_EFFECT}: pairs that would detect the challenge's bar."), "",
+        "| rank | arm | pairs | paired difference | 95% CI | one-sided p | Holm p | Welch difference (p) "
+        "| pre-quant difference | MDE | seeds for 0.005 | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in plan.arms:
-        if arm.name == plan.baseline:
-            continue
-        result = compare(plan, arm.name, plan.baseline)
-        pre_quant = compare(plan, arm.name, plan.baseline, "val_bpb")
-        ci = f"[{result.ci_low:+.4f}, {result.ci_high:+.4f}]" if result.ci_low is not None else "—"
+    for rank, c in enumerate(comparisons, start=1):
+        welch = (f"{c.welch.difference:+.4f} ({format_optional(c.welch.p_one_sided, '.3g')})"
+                 if c.welch.difference is not None else "—")
         lines.append(table_row([
-            arm.name, format_optional(result.difference, "+.4f"), ci, format_optional(result.t, ".3f"),
-            format_optional(result.df, ".1f"), format_optional(result.p_one_sided, ".3g"),
-            format_optional(pre_quant.difference, "+.4f"), verdict(result),
+            str(rank), c.arm, str(c.paired.n), format_optional(c.paired.difference, "+.4f"), format_ci(c.paired),
+            format_optional(c.paired.p_one_sided, ".3g"), format_optional(c.p_holm, ".3g"), welch,
+            format_optional(c.pre_quant.difference, "+.4f"), format_optional(c.mde, ".4f"),
+            str(c.seeds_for_bar) if c.seeds_for_bar is not None else "—", c.verdict(),
         ]))
     lines += ["", "## Runs", "",
               table_row(["run", "arm", "seed", "outcome", "roundtrip val_bpb", "pre-quant val_bpb", "steps",
@@ -593,44 +766,22 @@ def render_table(plan: Plan, command_line: str, failures: list[str]) -> str:
 
 
 # =============================================================================
-# THE CURVES
+# THE PICTURES
 # =============================================================================
 
 
-def write_curves(plan: Plan, path: Path) -> None:
-    """val_bpb against step and against training time: one colour per arm, one line per seed."""
+def write_pictures(plan: Plan, effects: dict[str, Any]) -> None:
+    """effects.json, effects.png (paired differences and step-time cost) and curves.png."""
+    (plan.out_dir / "effects.json").write_text(json.dumps(effects, indent=2) + "\n", encoding="utf-8")
+    runs = [{"arm": run.arm, "seed": run.seed, "val_history": run.summary.get("val_history", []),
+             "train_history": run.summary.get("train_history", []), "steps": run.summary["steps"],
+             "roundtrip_val_bpb": run.summary["roundtrip_val_bpb"], "train_time_ms": run.summary["train_time_ms"]}
+            for arm in plan.arms for run in plan.arm_runs(arm.name)]
     try:
-        import matplotlib
+        ab_figures.write_effects_figure(effects, plan.out_dir / "effects.png")
+        ab_figures.write_curves_figure(effects, runs, plan.out_dir / "curves.png", max_arms=CURVE_ARMS)
     except ImportError:
-        raise UserError("curves.png needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # headless: no display on training machines
-    import matplotlib.pyplot as plt
-
-    colours = plt.get_cmap("tab10")
-    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for index, arm in enumerate(plan.arms):
-        for number, run in enumerate(plan.arm_runs(arm.name)):
-            history = run.summary["val_history"]
-            label = arm.name if number == 0 else None
-            style = {"color": colours(index % 10), "marker": "o", "markersize": 3, "linewidth": 1.2, "alpha": 0.85}
-            val_bpb = [point["val_bpb"] for point in history]
-            by_step.plot([point["step"] for point in history], val_bpb, label=label, **style)
-            by_time.plot([point["train_time_ms"] / 1000 for point in history], val_bpb, label=label, **style)
-            # The score itself: the int6+lzma roundtrip of the final weights, at the last point.
-            by_step.plot([run.summary["steps"]], [run.summary["roundtrip_val_bpb"]], "x", color=colours(index % 10))
-            by_time.plot([run.summary["train_time_ms"] / 1000], [run.summary["roundtrip_val_bpb"]], "x",
-                         color=colours(index % 10))
-    for axes, label in ((by_step, "step"), (by_time, "training time (s)")):
-        axes.set_xlabel(label)
-        axes.set_ylabel("val_bpb")
-        axes.grid(alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:  # no completed run: no legend (and no warning)
-            axes.legend(title="arm (x: roundtrip)")
-    figure.suptitle(f"val_bpb during training: {distinct(plan, 'device')}, dataset {distinct(plan, 'dataset')}")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        raise UserError("the pictures need matplotlib: pip install matplotlib") from None
 
 
 # =============================================================================
@@ -643,27 +794,36 @@ def trainer_sha256() -> str:
     return hashlib.sha256(TRAINER_PATH.read_text(encoding="utf-8").encode("utf-8")).hexdigest()
 
 
-def build_submission(plan: Plan, arm: str, args: argparse.Namespace) -> dict[str, Any]:
+def build_submission(plan: Plan, arm: str, args: argparse.Namespace, comparisons: list[Comparison]) -> dict[str, Any]:
     """submission.json in the records' schema, every number taken from the arm's summaries."""
     runs = plan.arm_runs(arm)
     if not runs:
         raise UserError(f"--write-submission {arm}: no completed run of that arm")
-    # The p-value is against the baseline; for the baseline itself, against the candidate.
-    other = plan.baseline if arm != plan.baseline else next(a.name for a in plan.arms if a.name != arm)
-    result = compare(plan, arm, other)
+    # The comparison is against the baseline; for the baseline itself, against the best candidate.
+    other = plan.baseline if arm != plan.baseline else comparisons[0].arm
+    comparison = next(c for c in comparisons if c.arm in (arm, other) and c.arm != plan.baseline)
+    sign = 1.0 if arm != plan.baseline else -1.0  # the baseline's difference is the candidate's, negated
+    paired = comparison.paired
     summaries = [run.summary for run in runs]
-    settings = next(a.settings for a in plan.arms if a.name == arm)
+    settings = plan.arm_settings(arm)
     caps = {run.config["max_wallclock_seconds"] for run in runs}
     record_track = (all(s["world_size"] == 8 and not s["device"].startswith("cpu") for s in summaries)
                     and all(0 < cap <= 600 for cap in caps))
     mean_bpb = statistics.fmean(s["roundtrip_val_bpb"] for s in summaries)
-    other_mean = statistics.fmean(plan.arm_values(other, "roundtrip_val_bpb")) if plan.arm_runs(other) else None
-    comparison = f" vs {other_mean:.4f} (difference {result.difference:+.4f})" if other_mean is not None else ""
-    p_text = f"one-sided Welch p = {result.p_one_sided:.3g}" if result.p_one_sided is not None else result.reason
+    other_values = plan.arm_values(other, "roundtrip_val_bpb")
+    other_mean = statistics.fmean(other_values) if other_values else None
+    difference = sign * paired.difference if paired.difference is not None else None
+    comparison_text = (f" vs {other_mean:.4f} (paired difference {difference:+.4f}, 95% CI "
+                       f"[{sign * (paired.ci_low if sign > 0 else paired.ci_high):+.4f}, "
+                       f"{sign * (paired.ci_high if sign > 0 else paired.ci_low):+.4f}])"
+                       if other_mean is not None and paired.ci_low is not None else "")
+    p_text = (f"paired one-sided p = {paired.p_one_sided:.3g} for {comparison.arm} < {plan.baseline}, "
+              f"Holm p = {comparison.p_holm:.3g} over {len(comparisons)} arm(s)"
+              if paired.p_one_sided is not None else paired.reason)
     blurb = (f"A/B of arm {arm} ({format_settings(settings) or 'the common settings'}) against {other}: "
              f"{len(runs)} seeds ({', '.join(str(r.seed) for r in runs)}), {budget_text(plan)}, dataset "
              f"{distinct(plan, 'dataset')}, {distinct(plan, 'device')}. Mean int6+lzma roundtrip val_bpb "
-             f"{mean_bpb:.4f}{comparison}; {p_text}.")
+             f"{mean_bpb:.4f}{comparison_text}; {p_text}.")
     return {
         "author": args.author, "github_id": args.github_id,
         "name": args.name or f"JEPA A/B: {arm} vs {other}", "blurb": blurb,
@@ -673,15 +833,20 @@ def build_submission(plan: Plan, arm: str, args: argparse.Namespace) -> dict[str
         "bytes_total": max(s["total_bytes"] for s in summaries),
         "bytes_code": max(s["code_bytes"] for s in summaries),
         "arm": arm, "settings": settings, "common_settings": plan.common, "budget": budget_text(plan),
+        "iterations": plan.iterations(arm) if plan.step_times else runs[0].config["iterations"],
+        "step_time_ratio": plan.step_times.get(arm, {}).get("ratio"),
         "seeds": [run.seed for run in runs],
         "seed_results": [{"seed": run.seed, "run_id": run.run_id, "val_bpb": run.summary["roundtrip_val_bpb"],
                           "val_loss": run.summary["roundtrip_val_loss"], "pre_quant_val_bpb": run.summary["val_bpb"],
                           "steps": run.summary["steps"], "step_avg_ms": run.summary["step_avg_ms"],
                           "bytes_total": run.summary["total_bytes"]} for run in runs],
-        "baseline": {"arm": other, "val_bpb": other_mean,
-                     "settings": next(a.settings for a in plan.arms if a.name == other)},
-        "val_bpb_difference": result.difference, "p_value": result.p_one_sided,
-        "p_value_note": result.reason or f"one-sided Welch t-test, H1: {arm} < {other}",
+        "baseline": {"arm": other, "val_bpb": other_mean, "settings": plan.arm_settings(other),
+                     "iterations": plan.iterations(other), "step_time_ratio": plan.step_times.get(other, {}).get("ratio")},
+        "val_bpb_difference": difference,
+        "p_value": paired.p_one_sided, "p_value_holm": comparison.p_holm,
+        "p_value_note": paired.reason or (f"paired one-sided t test by seed, H1: {comparison.arm} < {plan.baseline}; "
+                                          f"Holm-adjusted over {len(comparisons)} candidate arm(s)"),
+        "welch_p_value": comparison.welch.p_one_sided, "minimum_detectable_difference": comparison.mde,
         "hardware": {"device": distinct(plan, "device"), "world_size": runs[0].summary["world_size"]},
         "dataset": distinct(plan, "dataset"),
         "train_time_seconds": statistics.fmean(s["train_time_ms"] for s in summaries) / 1000,
@@ -735,7 +900,9 @@ def assemble_record(plan: Plan, record_dir: Path, submission: dict[str, Any], ta
             shutil.copy2(plan.log_dir / f"{run.run_id}{suffix}", record_dir / "logs" / f"{run.run_id}{suffix}")
     shutil.copy2(TRAINER_PATH, record_dir / "train_gpt_jepa.py")
     shutil.copy2(REPO_ROOT / "requirements.txt", record_dir / "requirements.txt")
-    shutil.copy2(plan.out_dir / "curves.png", record_dir / "curves.png")
+    for name in ("effects.png", "effects.json", "curves.png", STEP_TIMES_FILE):
+        if (plan.out_dir / name).is_file():
+            shutil.copy2(plan.out_dir / name, record_dir / name)
     (record_dir / "table.md").write_text(table, encoding="utf-8")
     (record_dir / "submission.json").write_text(json.dumps(submission, indent=2) + "\n", encoding="utf-8")
     readme = [
@@ -743,7 +910,8 @@ def assemble_record(plan: Plan, record_dir: Path, submission: dict[str, Any], ta
         (f"Score: mean int6+lzma roundtrip val_bpb **{submission['val_bpb']:.4f}** over seeds "
          f"{', '.join(map(str, submission['seeds']))}; largest submission {submission['bytes_total']:,} bytes."), "",
         "## What was run", "", demote_headings(table).strip(), "",
-        "![val_bpb against step and training time](curves.png)", "",
+        "![paired differences against the baseline, with 95% CIs and step-time cost](effects.png)", "",
+        "![training curves of the best arms and the baseline](curves.png)", "",
         "## How to reproduce", "",
         f"From the repository root of train_gpt_jepa (this folder's `train_gpt_jepa.py`, sha256 {current}):", "",
         "    " + command_line, "",
@@ -751,7 +919,8 @@ def assemble_record(plan: Plan, record_dir: Path, submission: dict[str, Any], ta
         *["    " + line for line in reproduce_lines(plan)], "",
         "## Files", "",
         "- `train_gpt_jepa.py`: the trainer that produced every log here (sha256 checked against each log)",
-        "- `requirements.txt`, `submission.json`, `table.md`, `curves.png`",
+        "- `requirements.txt`, `submission.json`, `table.md`, `effects.png`, `effects.json`, `curves.png`"
+        + (f", `{STEP_TIMES_FILE}` (the measured step times that set each arm's ITERATIONS)" if plan.step_times else ""),
         "- `logs/<RUN_ID>.txt` (full log, starting with the trainer's source) and `logs/<RUN_ID>.json` (summary)",
     ]
     (record_dir / "README.md").write_text("\n".join(readme) + "\n", encoding="utf-8")
@@ -766,11 +935,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", action="append", default=[], metavar='NAME:"ENV=V ..."',
                         help="an arm (repeat); default: jepa (the common settings) and vanilla (JEPA_WEIGHT=0)")
+    parser.add_argument("--grid", action="append", default=[], metavar='"ENV=V1,V2 ENV=V1,V2"',
+                        help="a sweep (repeatable): the cartesian arms, named from their settings; a vanilla "
+                        "baseline (JEPA_WEIGHT=0) is added when no arm has one")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, each run for every arm (default 1,2,3)")
     parser.add_argument("--env", action="append", default=[], metavar='"ENV=V ..."',
                         help="settings for every run (repeatable); the budget's variable goes here")
-    parser.add_argument("--budget", choices=("steps", "wallclock"), default="wallclock",
-                        help="equal ITERATIONS (steps) or equal MAX_WALLCLOCK_SECONDS of training (default)")
+    parser.add_argument("--budget", choices=("compute", "steps", "wallclock"), default="compute",
+                        help="compute (default): the baseline runs ITERATIONS, the others as many steps as the "
+                        "same compute buys (step times measured in one process); steps: ITERATIONS for every "
+                        "arm; wallclock: MAX_WALLCLOCK_SECONDS of training (dedicated machines only)")
+    parser.add_argument("--calibration-steps", type=int, default=5, help="compute budget: timed steps per round")
+    parser.add_argument("--calibration-rounds", type=int, default=3, help="compute budget: interleaved rounds")
+    parser.add_argument("--calibration-warmup", type=int, default=2, help="compute budget: untimed steps first")
     parser.add_argument("--launcher", default="", help='command before the trainer, e.g. "torchrun --standalone '
                         '--nproc_per_node=8" (default: this Python)')
     parser.add_argument("--out", required=True, help="folder for table.md, curves.png, console logs, artifacts")
@@ -795,28 +972,25 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         plan = build_plan(args, environ)
         names = [arm.name for arm in plan.arms]
-        if args.write_submission is not None and args.write_submission not in names:
-            raise UserError(f"--write-submission {args.write_submission}: not an arm (arms: {', '.join(names)})")
-        if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):  # before hours of runs
-            raise UserError(f"--record {args.record}: the folder exists and is not empty")
         # The trainer variables of the caller's environment are part of the experiment: show them.
         command_line = " ".join(filter(None, [format_settings(plan.from_environment), "python3 scripts/ab.py",
                                               shlex.join(argv)]))
 
         failures = execute(plan, args.no_run, args.keep_going)
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        table = render_table(plan, command_line, failures)
+        comparisons = analyse(plan)
+        table = render_table(plan, command_line, failures, comparisons)
         (plan.out_dir / "table.md").write_text(table, encoding="utf-8")
         print()
         print(table, end="")
-        write_curves(plan, plan.out_dir / "curves.png")
-        print(f"\nwrote {plan.out_dir / 'table.md'} and {plan.out_dir / 'curves.png'}")
+        write_pictures(plan, effects_record(plan, comparisons))
+        print(f"\nwrote {plan.out_dir / 'table.md'}, effects.png, effects.json and curves.png")
 
         # A record needs a submission.json: by default the candidate's (the first non-baseline arm).
         candidate = next(name for name in names if name != plan.baseline)
         submission_arm = args.write_submission or (candidate if args.record else None)
         if submission_arm is not None:
-            submission = build_submission(plan, submission_arm, args)
+            submission = build_submission(plan, submission_arm, args, comparisons)
             text = json.dumps(submission, indent=2) + "\n"
             for path in filter(None, [plan.out_dir / "submission.json", args.submission_path]):
                 Path(path).write_text(text, encoding="utf-8")

@@ -3,13 +3,22 @@
     python3 scripts/bench.py                          # tiny preset on this machine
     python3 scripts/bench.py --preset 11L --steps 30  # the record size (on a GPU)
     python3 scripts/bench.py --paths vanilla,next_ema --env "TRAIN_BATCH_TOKENS=16384"
+    python3 scripts/bench.py --spec arms.json --baseline vanilla --json times.json  # scripts/ab.py's calibration
 
 Every path is the real Trainer.step() of train_gpt_jepa.py (same compile, batch and data as a
 run), differing only in the environment settings listed in PATHS. Paths are timed in
 alternating rounds, so drift of a shared machine hits them all alike, and each path's step time
-is the median over its rounds. Ratios are against the vanilla path (JEPA_WEIGHT=0) of the same
-run: compare ratios, not absolute times, between machines. Without DATA_PATH shards a
+is the median over its rounds. A path's ratio is the median over rounds of its time divided by the
+baseline's time in the same round (vanilla, JEPA_WEIGHT=0, unless --baseline): a round's paths
+run back to back, so the machine's drift between rounds cancels. Compare ratios, not absolute
+times, between machines. Without DATA_PATH shards a
 synthetic shard of random tokens is used (step time does not depend on token values).
+
+--spec FILE replaces the built-in paths by {"name": {"ENV": "value", ...}, ...}: each path's
+complete settings (scripts/ab.py measures its arms this way for --budget compute); ratios are
+then against --baseline. Every path is timed with its JEPA weight constant (JEPA_WARMUP_STEPS=0,
+JEPA_ANNEAL=0) and without an end to its schedule, so each timed step costs what a steady step
+of that path costs.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 import train_gpt_jepa as trainer_module  # noqa: E402
 
-# JEPA weight held constant (no ramp, no anneal) so every timed step pays for the JEPA terms.
-JEPA_ON = {"JEPA_WEIGHT": "0.1", "JEPA_WARMUP_STEPS": "0", "JEPA_ANNEAL": "0"}
+JEPA_ON = {"JEPA_WEIGHT": "0.1"}
+# What every timed path gets on top of its settings: no end to the schedule, constant JEPA weight.
+TIMING_SETTINGS = {"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "1000000", "JEPA_WARMUP_STEPS": "0", "JEPA_ANNEAL": "0"}
 PATHS: dict[str, dict[str, str]] = {
     "vanilla": {"JEPA_WEIGHT": "0"},
     "next_ema": {**JEPA_ON, "JEPA_MODE": "next", "TARGET_EMA_DECAY": "0.9995"},
@@ -72,6 +82,49 @@ def time_steps(trainer: trainer_module.Trainer, first_step: int, steps: int) -> 
     return 1000.0 * (time.perf_counter() - started) / steps
 
 
+def measure(paths: dict[str, dict[str, str]], steps: int, rounds: int, warmup: int
+            ) -> tuple[dict[str, list[float]], dict[str, float | None], trainer_module.Runtime]:
+    """Step times (ms, one value per round) and peak GPU memory of each path's real Trainer.step,
+    built in this process and timed in alternating rounds. Each path's dict is its complete
+    environment (DATA_PATH included)."""
+    trainers = {}
+    for name, environ in paths.items():
+        data_path = environ["DATA_PATH"]
+        trainer = build_trainer(environ, data_path)
+        for step in range(warmup):
+            trainer.step(step, lambda: 0.0)
+        trainers[name] = trainer
+    runtime = next(iter(trainers.values())).runtime
+    timings: dict[str, list[float]] = {name: [] for name in paths}
+    peak_mib: dict[str, float | None] = {name: None for name in paths}
+    for round_index in range(rounds):
+        for name, trainer in trainers.items():
+            if runtime.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            timings[name].append(time_steps(trainer, warmup + round_index * steps, steps))
+            if runtime.device.type == "cuda":
+                peak_mib[name] = max(peak_mib[name] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+    del trainers
+    gc.collect()
+    return timings, peak_mib, runtime
+
+
+def with_data(environ: dict[str, str]) -> dict[str, str]:
+    """The environment with a DATA_PATH that has train shards (a synthetic one if it has none)."""
+    probe = trainer_module.load_hyperparameters(environ)
+    if list(Path(probe.data_path).glob("fineweb_train_*.bin")):
+        return {**environ, "DATA_PATH": probe.data_path}
+    if probe.data_path not in SYNTHETIC_FOLDERS:
+        SYNTHETIC_FOLDERS[probe.data_path] = synthetic_shard_folder(
+            probe.vocab_size, num_tokens=max(4 * probe.train_batch_tokens, 1 << 20))
+        print(f"bench: no shards under {probe.data_path}: using synthetic random tokens in "
+              f"{SYNTHETIC_FOLDERS[probe.data_path]}")
+    return {**environ, "DATA_PATH": SYNTHETIC_FOLDERS[probe.data_path]}
+
+
+SYNTHETIC_FOLDERS: dict[str, str] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="PRESET of the trainer (tiny, 11L, 20L)")
@@ -80,61 +133,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per path first (compilation)")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma list of: {', '.join(PATHS)}")
     parser.add_argument("--env", default="", help='extra settings for every path, e.g. "COMPILE=0 SEED=2"')
+    parser.add_argument("--spec", help="JSON file {name: {ENV: value}}: complete settings of each path to time")
+    parser.add_argument("--baseline", default="vanilla", help="the path ratios are taken against (default vanilla)")
     parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    names = [name.strip() for name in args.paths.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PATHS]
-    if unknown or "vanilla" not in names:
-        parser.error(f"--paths must include vanilla and only known paths; unknown: {unknown}")
     extra = dict(item.split("=", 1) for item in args.env.split())
-    base = {"PRESET": args.preset, "MAX_WALLCLOCK_SECONDS": "0", "WARMDOWN_ITERS": "0", "FINAL_EMA": "0",
-            "ITERATIONS": "1000000", **extra}
-    probe = trainer_module.load_hyperparameters(base)
-    data_path = probe.data_path
-    if not list(Path(data_path).glob("fineweb_train_*.bin")):
-        data_path = synthetic_shard_folder(probe.vocab_size, num_tokens=max(4 * probe.train_batch_tokens, 1 << 20))
-        print(f"bench: no shards under {probe.data_path}: using synthetic random tokens in {data_path}")
-
-    trainers = {}
-    for name in names:
-        environ = {**base, **PATHS[name], **extra, "DATA_PATH": data_path}
-        trainer = build_trainer(environ, data_path)
-        for step in range(args.warmup):
-            trainer.step(step, lambda: 0.0)
-        trainers[name] = trainer
-    runtime = next(iter(trainers.values())).runtime
-    timings: dict[str, list[float]] = {name: [] for name in names}
-    peak_mib: dict[str, float | None] = {name: None for name in names}
-    for round_index in range(args.rounds):
-        for name, trainer in trainers.items():
-            if runtime.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            timings[name].append(time_steps(trainer, args.warmup + round_index * args.steps, args.steps))
-            if runtime.device.type == "cuda":
-                peak_mib[name] = max(peak_mib[name] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
-    del trainers
-    gc.collect()
-
-    hp = probe
+    if args.spec:
+        specified = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+        path_settings = {name: {**settings, **extra} for name, settings in specified.items()}
+        base: dict[str, str] = {}
+    else:
+        names = [name.strip() for name in args.paths.split(",") if name.strip()]
+        unknown = [name for name in names if name not in PATHS]
+        if unknown:
+            parser.error(f"--paths: unknown paths {unknown}")
+        path_settings = {name: {**PATHS[name], **extra} for name in names}
+        base = {"PRESET": args.preset, "WARMDOWN_ITERS": "0", "FINAL_EMA": "0"}
+    if args.baseline not in path_settings:
+        parser.error(f"--baseline {args.baseline}: not among the paths ({', '.join(path_settings)})")
+    environments = {name: with_data({**base, **settings, **TIMING_SETTINGS}) for name, settings in path_settings.items()}
+    timings, peak_mib, runtime = measure(environments, args.steps, args.rounds, args.warmup)
+    names = list(environments)
+    hp = trainer_module.load_hyperparameters(environments[args.baseline])
     print(f"device: {trainer_module.device_name(runtime)}  torch {torch.__version__}  compile: {runtime.compile}  "
           f"autocast: {runtime.autocast_dtype}")
-    print(f"preset: {args.preset}  layers {hp.num_layers} dim {hp.model_dim}  batch {hp.train_batch_tokens} tokens "
+    print(f"preset: {hp.preset}  layers {hp.num_layers} dim {hp.model_dim}  batch {hp.train_batch_tokens} tokens "
           f"x seq {hp.train_seq_len}  steps {args.steps} x rounds {args.rounds}  extra: {args.env or '-'}")
-    vanilla = statistics.median(timings["vanilla"])
+    def ratio(name: str) -> float:  # paired by round: drift of a shared machine between rounds cancels
+        return statistics.median(t / b for t, b in zip(timings[name], timings[args.baseline]))
+
     rows = []
-    print(f"{'path':<18}{'step_avg_ms':>12}{'ratio':>8}{'peak_MiB':>10}   rounds (ms)")
+    print(f"{'path':<18}{'step_avg_ms':>12}{'ratio':>8}{'peak_MiB':>10}   rounds (ms); ratios to {args.baseline}")
     for name in names:
         median = statistics.median(timings[name])
         memory = f"{peak_mib[name]:.0f}" if peak_mib[name] is not None else "n/a"
         spread = " ".join(f"{value:.1f}" for value in timings[name])
-        print(f"{name:<18}{median:>12.2f}{median / vanilla:>8.3f}{memory:>10}   {spread}")
-        rows.append({"path": name, "settings": PATHS[name], "step_avg_ms": median, "ratio": median / vanilla,
+        print(f"{name:<18}{median:>12.2f}{ratio(name):>8.3f}{memory:>10}   {spread}")
+        rows.append({"path": name, "settings": path_settings[name], "step_avg_ms": median, "ratio": ratio(name),
                      "peak_memory_mib": peak_mib[name], "rounds_ms": timings[name]})
     if args.json_path:
-        record = {"device": trainer_module.device_name(runtime), "torch": torch.__version__, "preset": args.preset,
+        record = {"device": trainer_module.device_name(runtime), "torch": torch.__version__, "preset": hp.preset,
                   "compile": runtime.compile, "extra_env": args.env, "steps": args.steps, "rounds": args.rounds,
-                  "paths": rows}
+                  "warmup": args.warmup, "baseline": args.baseline, "paths": rows}
         Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from conftest import REPO_ROOT, trainer_env
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import ab  # noqa: E402
 
-BACKENDS = ["own"] + (["scipy"] if ab.stats_backend() == "scipy" else [])
+import ab_stats  # noqa: E402
 
 
 def run_ab(argv: list[str], environ: dict[str, str]) -> tuple[int, str, str]:
@@ -34,101 +33,64 @@ def run_ab(argv: list[str], environ: dict[str, str]) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-def comparison_row(table: str, arm: str) -> list[str]:
-    """The cells of an arm's row in the 'Against the baseline' table."""
-    section = table.split("## Against the baseline", 1)[1].split("## Runs", 1)[0]
-    row = next(line for line in section.splitlines() if line.startswith(f"| {arm} |"))
+def leaderboard_row(table: str, arm: str) -> list[str]:
+    """The cells of an arm's row in the leaderboard: rank, arm, pairs, paired difference, CI,
+    one-sided p, Holm p, Welch, pre-quant difference, MDE, seeds for 0.005, verdict."""
+    section = table.split("## Leaderboard against the baseline", 1)[1].split("## Runs", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| ") and f" | {arm} | " in line)
     return [cell.strip() for cell in row.strip("|").split("|")]
 
 
+def fake_plan(tmp_path: Path, scores: dict[str, dict[int, float]], baseline: str) -> ab.Plan:
+    """A plan whose runs are already completed with the given roundtrip scores (no training)."""
+    arms = [ab.Arm(name, {"JEPA_WEIGHT": "0" if name == baseline else str(0.1 * (index + 1))})
+            for index, name in enumerate(scores)]
+    plan = ab.Plan(arms, baseline, sorted({seed for values in scores.values() for seed in values}), "steps",
+                   {"ITERATIONS": "10"}, {}, {}, [sys.executable], tmp_path, tmp_path)
+    for arm, values in scores.items():
+        for seed, value in values.items():
+            summary = {"roundtrip_val_bpb": value, "val_bpb": value - 0.001, "steps": 10, "dataset": "d",
+                       "device": "cpu", "code_sha256": "0" * 64, "world_size": 1}
+            plan.runs.append(ab.Run(arm, seed, f"t_{arm}_s{seed}", {}, {}, summary, "ran"))
+    return plan
+
+
 # ---------------------------------------------------------------------------
-# Statistics
+# Analysis: paired differences, Holm across arms, the leaderboard's order
 # ---------------------------------------------------------------------------
 
 
-def test_t_quantiles_match_the_printed_table():
-    # Two-sided 95% (p = 0.975), one-sided 99% and 95% critical values from a t table.
-    table = [(1, 0.975, 12.7062), (2, 0.975, 4.3027), (10, 0.975, 2.2281), (30, 0.975, 2.0423),
-             (5, 0.99, 3.3649), (4, 0.95, 2.1318)]
-    for backend in BACKENDS:
-        for df, probability, expected in table:
-            assert ab.student_t_quantile(probability, df, backend) == pytest.approx(expected, abs=5e-5)
-            assert ab.student_t_quantile(1 - probability, df, backend) == pytest.approx(-expected, abs=5e-5)
+def test_analysis_pairs_by_seed_corrects_with_holm_and_sorts_the_leaderboard(tmp_path):
+    base = {1: 2.00, 2: 2.10, 3: 1.95, 4: 2.05}
+    scores = {
+        "worse": {seed: value + 0.010 + 0.001 * seed for seed, value in base.items()},
+        "better": {seed: value - 0.020 + 0.002 * (seed % 2) for seed, value in base.items()},
+        "short": {1: base[1] - 0.5},  # one seed: no p-value, no CI, ranked by its difference
+        "vanilla": base,
+    }
+    plan = fake_plan(tmp_path, scores, "vanilla")
+    comparisons = ab.analyse(plan)
+    assert [c.arm for c in comparisons] == ["short", "better", "worse"]
+    better = next(c for c in comparisons if c.arm == "better")
+    # Paired by seed: differences -0.018, -0.020, -0.018, -0.020 (the seed effect cancels).
+    assert better.paired.kind == "paired" and better.paired.n == 4
+    assert better.paired.difference == pytest.approx(-0.019)
+    assert better.seed_differences == pytest.approx({1: -0.018, 2: -0.020, 3: -0.018, 4: -0.020})
+    p_values = [c.paired.p_one_sided for c in comparisons]
+    assert p_values[0] is None and "1 pair" in comparisons[0].paired.reason
+    assert [c.p_holm for c in comparisons] == ab_stats.holm_adjust(p_values)
+    assert better.p_holm == pytest.approx(2 * better.paired.p_one_sided)  # the smaller of two p's, times 2
+    assert better.significant and better.verdict().startswith("beats")
+    assert next(c for c in comparisons if c.arm == "worse").verdict().startswith("loses")
+    assert better.mde == pytest.approx(ab_stats.minimum_detectable_difference(better.paired.std_of_differences, 4))
 
-
-def test_t_cdf_matches_closed_forms():
-    # df = 1 is Cauchy; df = 2 and df = 4 have elementary CDFs.
-    def closed_form(t: float, df: int) -> float:
-        if df == 1:
-            return 0.5 + math.atan(t) / math.pi
-        if df == 2:
-            return 0.5 + t / (2 * math.sqrt(2 + t * t))
-        u = 1 + t * t / 4
-        return 0.5 + 0.375 * (t / math.sqrt(u)) * (1 - t * t / (12 * u))
-
-    for df in (1, 2, 4):
-        for t in (-30.0, -3.1, -1.0, -0.2, 0.0, 0.5, 2.0, 7.5, 100.0):
-            assert ab.student_t_cdf_own(t, df) == pytest.approx(closed_form(t, df), abs=1e-12), (t, df)
-    assert ab.student_t_cdf_own(2.0, 5) == pytest.approx(0.9490302606, abs=1e-9)
-    assert ab.student_t_cdf_own(1.96, 1e6) == pytest.approx(0.9750019662, abs=1e-8)  # -> the normal
-    for probability in (0.001, 0.1, 0.5, 0.8, 0.995):
-        for df in (0.8, 3.3, 40.0):  # Welch's df is rarely an integer
-            t = ab.student_t_quantile_own(probability, df)
-            assert ab.student_t_cdf_own(t, df) == pytest.approx(probability, abs=1e-11)
-
-
-def test_own_t_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for df in (0.7, 1.0, 2.5, 3.0, 7.3, 29.0, 200.0):
-        for t in (-12.0, -2.4, -0.3, 0.0, 0.9, 3.7, 25.0):
-            assert ab.student_t_cdf_own(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-11)
-        for probability in (0.005, 0.025, 0.3, 0.9, 0.975, 0.995):
-            assert ab.student_t_quantile_own(probability, df) == pytest.approx(stats.t.ppf(probability, df), rel=1e-9)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_welch_equal_variances_by_hand(backend):
-    # a = [1, 2, 3], b = [3, 4, 5]: means 2 and 4, both sample variances 1.
-    # se^2 = 1/3 + 1/3 = 2/3; t = (2 - 4) / sqrt(2/3) = -sqrt(6) = -2.449490
-    # df = (2/3)^2 / ((1/3)^2 / 2 + (1/3)^2 / 2) = (4/9) / (1/9) = 4
-    # p = F_4(-sqrt 6) with F_4(t) = 1/2 + 3/8 * t/sqrt(u) * (1 - t^2 / (12 u)), u = 1 + t^2/4 = 5/2:
-    #   = 1/2 - 3/8 * sqrt(6/2.5) * (1 - 6/30) = 1/2 - 0.3 * sqrt(2.4) = 0.035242
-    # 95% CI: -2 -/+ t_{0.975, 4} * sqrt(2/3) = -2 -/+ 2.776445 * 0.816497 = [-4.266958, 0.266958]
-    result = ab.welch_test([1.0, 2.0, 3.0], [3.0, 4.0, 5.0], backend)
-    assert result.difference == pytest.approx(-2.0)
-    assert result.std_error == pytest.approx(math.sqrt(2 / 3))
-    assert result.t == pytest.approx(-math.sqrt(6))
-    assert result.df == pytest.approx(4.0)
-    assert result.p_one_sided == pytest.approx(0.5 - 0.3 * math.sqrt(2.4), abs=1e-10)
-    assert result.p_one_sided == pytest.approx(0.035242, abs=1e-6)
-    assert (result.ci_low, result.ci_high) == (pytest.approx(-4.266958, abs=1e-6), pytest.approx(0.266958, abs=1e-6))
-    assert result.reason == ""
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_welch_unequal_variances_by_hand(backend):
-    # a = [1, 2, 3] (variance 1), b = [4, 6, 8] (variance 4): se^2 = 1/3 + 4/3 = 5/3,
-    # t = -4 / sqrt(5/3) = -3.098387, df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = (25/9) / (17/18) = 50/17.
-    result = ab.welch_test([1.0, 2.0, 3.0], [4.0, 6.0, 8.0], backend)
-    assert result.t == pytest.approx(-4 / math.sqrt(5 / 3))
-    assert result.df == pytest.approx(50 / 17)
-    # One-sided p and CI: the t distribution at those values (scipy 1.17: 0.0273934, t_0.975 = 3.218759).
-    assert result.p_one_sided == pytest.approx(ab.student_t_cdf_own(-4 / math.sqrt(5 / 3), 50 / 17), abs=1e-10)
-    assert result.p_one_sided == pytest.approx(0.0273934, abs=1e-7)
-    assert result.ci_low == pytest.approx(-4 - 3.218759 * math.sqrt(5 / 3), abs=1e-5)
-    assert result.ci_high == pytest.approx(-4 + 3.218759 * math.sqrt(5 / 3), abs=1e-5)
-    # Swapping the arms mirrors everything: H1 "b < a" is then almost surely false.
-    mirrored = ab.welch_test([4.0, 6.0, 8.0], [1.0, 2.0, 3.0], backend)
-    assert mirrored.p_one_sided == pytest.approx(1 - result.p_one_sided)
-
-
-def test_welch_without_enough_seeds_or_variance():
-    single = ab.welch_test([1.0], [2.0, 3.0])
-    assert single.difference == pytest.approx(-1.5)
-    assert single.p_one_sided is None and single.ci_low is None
-    assert ">= 2 seeds per arm" in single.reason
-    constant = ab.welch_test([1.0, 1.0], [1.0, 1.0])
-    assert constant.p_one_sided is None and "zero variance" in constant.reason
+    effects = ab.effects_record(plan, comparisons)
+    assert [arm["arm"] for arm in effects["arms"]] == ["short", "better", "worse"]
+    short = effects["arms"][0]
+    assert short["n_pairs"] == 1 and short["ci_low"] is None and short["p_holm"] is None
+    assert effects["arms"][1]["seed_differences"] == pytest.approx({"1": -0.018, "2": -0.020, "3": -0.018,
+                                                                     "4": -0.020})
+    assert effects["bar"] == -0.005 and effects["baseline"] == "vanilla"
 
 
 # ---------------------------------------------------------------------------
@@ -141,15 +103,96 @@ def test_arm_syntax():
     assert (arm.name, arm.settings) == ("span", {"JEPA_MODE": "span", "JEPA_WEIGHT": "0.2"})
     assert ab.parse_arm("jepa").settings == {}
     for bad in ("two words:JEPA_WEIGHT=0", "x:jepa_weight=0", "x:JEPA_WEIGHT", "x:SEED=3", "x:ITERATIONS=9",
-                "x:MAX_WALLCLOCK_SECONDS=60", ":JEPA_WEIGHT=0"):
+                "x:MAX_WALLCLOCK_SECONDS=60", ":JEPA_WEIGHT=0", "a/b:JEPA_WEIGHT=0"):
         with pytest.raises(ab.UserError):
             ab.parse_arm(bad)
 
 
+def test_grid_expands_to_the_cartesian_arms_named_from_their_settings(tmp_path):
+    arms = ab.parse_grid("JEPA_WEIGHT=0.001,0.01,0.1 TARGET_EMA_DECAY=0,0.99")
+    assert [arm.name for arm in arms] == [
+        "jepa_weight=0.001+target_ema_decay=0", "jepa_weight=0.001+target_ema_decay=0.99",
+        "jepa_weight=0.01+target_ema_decay=0", "jepa_weight=0.01+target_ema_decay=0.99",
+        "jepa_weight=0.1+target_ema_decay=0", "jepa_weight=0.1+target_ema_decay=0.99"]
+    assert arms[3].settings == {"JEPA_WEIGHT": "0.01", "TARGET_EMA_DECAY": "0.99"}
+    # '|' separates values that hold commas themselves.
+    offsets = ab.parse_grid("JEPA_OFFSETS=1|1,2,4,8")
+    assert [arm.settings for arm in offsets] == [{"JEPA_OFFSETS": "1"}, {"JEPA_OFFSETS": "1,2,4,8"}]
+    for bad in ("JEPA_WEIGHT=0.1,0.1", "JEPA_WEIGHT=0.1,", "ITERATIONS=5,6", "", "JEPA_MODE=a/b,c"):
+        with pytest.raises(ab.UserError):
+            ab.parse_grid(bad)
+
+    # Beside explicit arms; a vanilla baseline is added when no arm has JEPA_WEIGHT=0.
+    environ = {"PRESET": "tiny", "PATH": os.environ.get("PATH", "")}
+    argv = ["--arm", "span:JEPA_MODE=span", "--grid", "JEPA_WEIGHT=0.01,0.1", "--grid", "JEPA_LOSS=cosine",
+            "--budget", "steps", "--env", "ITERATIONS=5", "--seeds", "1,2", "--out", str(tmp_path / "sweep")]
+    plan = ab.build_plan(ab.parse_args(argv), environ)
+    assert [arm.name for arm in plan.arms] == ["span", "jepa_weight=0.01", "jepa_weight=0.1", "jepa_loss=cosine",
+                                               "vanilla"]
+    assert plan.baseline == "vanilla" and plan.arm_settings("vanilla") == {"JEPA_WEIGHT": "0"}
+    assert len(plan.runs) == 10 and plan.runs[1].run_id == "sweep_jepa_weight=0.01_s1"
+    assert plan.runs[1].config["jepa_weight"] == 0.01 and plan.runs[3].config["jepa_loss"] == "cosine"
+    # A grid that holds the control itself needs no added arm.
+    plan = ab.build_plan(ab.parse_args(["--grid", "JEPA_WEIGHT=0,0.1", "--budget", "steps", "--env", "ITERATIONS=5",
+                                        "--seeds", "1", "--out", str(tmp_path / "g")]), environ)
+    assert [arm.name for arm in plan.arms] == ["jepa_weight=0", "jepa_weight=0.1"]
+    assert plan.baseline == "jepa_weight=0"
+
+
+class StepTimer:
+    """Injected step times (ms per arm): the compute budget without timing anything."""
+
+    def __init__(self, step_ms: dict[str, float]):
+        self.step_ms, self.calls = step_ms, []
+
+    def __call__(self, plan: ab.Plan, settings_by_arm: dict[str, dict[str, str]]) -> tuple[dict[str, float], str]:
+        self.calls.append(sorted(settings_by_arm))
+        baseline = self.step_ms[plan.baseline]
+        return {arm: (self.step_ms[arm], self.step_ms[arm] / baseline) for arm in settings_by_arm}, "test device"
+
+
+def test_compute_budget_gives_slower_arms_proportionally_fewer_iterations(tmp_path):
+    environ = {"PRESET": "tiny", "PATH": os.environ.get("PATH", "")}
+    argv = ["--arm", "slow:TARGET_EMA_DECAY=0.99", "--arm", "fast:JEPA_TARGET_FRACTION=0.5", "--arm",
+            "vanilla:JEPA_WEIGHT=0", "--env", "ITERATIONS=200", "--seeds", "1,2", "--out", str(tmp_path / "c")]
+    timer = StepTimer({"vanilla": 100.0, "slow": 125.0, "fast": 80.0})
+    plan = ab.build_plan(ab.parse_args(argv), environ, step_timer=timer)
+    assert plan.budget == "compute" and timer.calls == [["fast", "slow", "vanilla"]]
+    expected = {"vanilla": 200, "slow": 160, "fast": 250}  # round(200 * 100 / t_arm)
+    for run in plan.runs:
+        assert run.config["iterations"] == expected[run.arm] and run.settings["ITERATIONS"] == str(expected[run.arm])
+        assert run.config["max_wallclock_seconds"] == 0 and run.settings["FINAL_EMA"] == "0"
+    assert plan.step_times["slow"]["ratio"] == pytest.approx(1.25) and plan.iterations("fast") == 250
+    assert ab.compute_iterations(1000, {"a": 1.3, "b": 0.999, "c": 1e9}) == {"a": 769, "b": 1001, "c": 1}
+
+    # The measurement is kept: a rerun (or more seeds) measures nothing and keeps every ITERATIONS.
+    stored = json.loads((tmp_path / "c" / "step_times.json").read_text())
+    assert stored["arms"]["slow"]["step_ms"] == 125.0 and stored["baseline_iterations"] == 200
+    never = StepTimer({})
+    again = ab.build_plan(ab.parse_args(argv[:-4] + ["--seeds", "1,2,3", "--out", str(tmp_path / "c")]), environ,
+                          step_timer=never)
+    assert never.calls == [] and {run.arm: run.config["iterations"] for run in again.runs} == expected
+    # A new arm is measured beside the baseline only; the others keep their ratios.
+    timer = StepTimer({"vanilla": 50.0, "span": 100.0})
+    more = ab.build_plan(ab.parse_args(["--arm", "span:JEPA_MODE=span"] + argv), environ, step_timer=timer)
+    assert timer.calls == [["span", "vanilla"]] and more.iterations("span") == 100 and more.iterations("slow") == 160
+    # A changed baseline (its settings are part of every ratio) remeasures every arm.
+    timer = StepTimer({"vanilla": 100.0, "slow": 200.0, "fast": 100.0})
+    changed = [arg.replace("ITERATIONS=200", "ITERATIONS=200 MATRIX_LR=0.03") for arg in argv]
+    plan = ab.build_plan(ab.parse_args(changed), environ, step_timer=timer)
+    assert timer.calls == [["fast", "slow", "vanilla"]] and plan.iterations("slow") == 100
+    # FINAL_EMA=-1 would switch on at ITERATIONS >= 1000 for the baseline only: every arm gets the baseline's.
+    argv = ["--arm", "slow:TARGET_EMA_DECAY=0.99", "--arm", "vanilla:JEPA_WEIGHT=0", "--env",
+            "ITERATIONS=1000 FINAL_EMA=-1", "--seeds", "1", "--out", str(tmp_path / "e")]
+    plan = ab.build_plan(ab.parse_args(argv), environ, step_timer=StepTimer({"vanilla": 100.0, "slow": 125.0}))
+    assert {run.arm: run.config["iterations"] for run in plan.runs} == {"slow": 800, "vanilla": 1000}
+    assert plan.common["FINAL_EMA"] == "1" and all(run.config["final_ema"] == 1 for run in plan.runs)
+
+
 def test_plan_budget_seeds_and_baseline(tmp_path):
     environ = {"PRESET": "tiny", "PATH": os.environ.get("PATH", "")}
-    plan = ab.build_plan(ab.parse_args(["--seeds", "3,7", "--env", "MAX_WALLCLOCK_SECONDS=30", "--out",
-                                        str(tmp_path / "my run")]), environ)
+    plan = ab.build_plan(ab.parse_args(["--seeds", "3,7", "--budget", "wallclock", "--env", "MAX_WALLCLOCK_SECONDS=30",
+                                        "--out", str(tmp_path / "my run")]), environ)
     assert [arm.name for arm in plan.arms] == ["jepa", "vanilla"] and plan.baseline == "vanilla"
     assert [(run.arm, run.seed) for run in plan.runs] == [("jepa", 3), ("vanilla", 3), ("jepa", 7), ("vanilla", 7)]
     assert plan.runs[0].run_id == "my_run_jepa_s3"
@@ -168,14 +211,20 @@ def test_plan_budget_seeds_and_baseline(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "steps"], "--budget steps needs ITERATIONS"),
-    ([], "--budget wallclock needs MAX_WALLCLOCK_SECONDS > 0"),
-    (["--env", "MAX_WALLCLOCK_SECONDS=60", "--arm", "a:JEPA_WIEGHT=0", "--arm", "b"], "did you mean JEPA_WEIGHT"),
-    (["--env", "MAX_WALLCLOCK_SECONDS=60", "--arm", "a:JEPA_WEIGHT=0.1", "--arm", "b"], "same configuration"),
-    (["--env", "MAX_WALLCLOCK_SECONDS=60", "--arm", "a"], "at least two"),
-    (["--env", "MAX_WALLCLOCK_SECONDS=60", "--seeds", "1,x"], "--seeds"),
-    (["--env", "MAX_WALLCLOCK_SECONDS=60 SEED=4"], "--env sets SEED"),
-    (["--env", "MAX_WALLCLOCK_SECONDS=60", "--write-submission", "nope"], "not an arm"),
+    ([], "--budget compute needs ITERATIONS"),
+    (["--budget", "wallclock"], "--budget wallclock needs MAX_WALLCLOCK_SECONDS > 0"),
+    (["--env", "ITERATIONS=9", "--arm", "a:JEPA_WIEGHT=0", "--arm", "b"], "did you mean JEPA_WEIGHT"),
+    (["--env", "ITERATIONS=9", "--arm", "a:JEPA_WEIGHT=0.1", "--arm", "b"], "same configuration"),
+    (["--env", "ITERATIONS=9", "--grid", "JEPA_WEIGHT=0.1,0.2", "--arm", "jepa_weight=0.1:JEPA_MODE=span"],
+     "same name"),
+    (["--env", "ITERATIONS=9", "--grid", "JEPA_WEIGHT=0.1,0.1"], "distinct"),
+    (["--env", "ITERATIONS=9", "--arm", "a"], "at least two"),
+    (["--env", "ITERATIONS=9", "--seeds", "1,x"], "--seeds"),
+    (["--env", "ITERATIONS=9 SEED=4"], "--env sets SEED"),
+    (["--env", "ITERATIONS=9", "--write-submission", "nope"], "not an arm"),
     (["--budget", "steps", "--env", "ITERATIONS=5 MAX_WALLCLOCK_SECONDS=60"], "without a wall-clock cap"),
+    (["--env", "ITERATIONS=5 MAX_WALLCLOCK_SECONDS=60"], "without a wall-clock cap"),
+    (["--env", "ITERATIONS=5", "--no-run"], "no step times"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, argv, message):
     code, _, stderr = run_ab(argv + ["--out", str(tmp_path / "out")], {"PRESET": "tiny"})
@@ -213,19 +262,35 @@ def test_end_to_end_table_and_curves(ab_run):
     assert sorted(ab_run["summaries"]) == ["e2e_jepa_s1", "e2e_jepa_s2", "e2e_vanilla_s1", "e2e_vanilla_s2"]
     table = (ab_run["out"] / "table.md").read_text()
     assert table in ab_run["stdout"]  # printed as written
-    assert f"statistics: {'scipy.stats.t' if ab.stats_backend() == 'scipy' else 'own Student t'}" in table
+    assert "statistics (scipy): paired t test on per-seed differences" in table
     for arm in ("jepa", "vanilla"):
         assert re.search(rf"^\| {arm} \| 2 \| \d\.\d{{4}} ± \d\.\d{{4}} \|", table, re.MULTILINE), table
-    # The comparison is Welch's test on the summaries' roundtrip scores, as printed.
-    expected = ab.welch_test(roundtrip_values(ab_run, "jepa"), roundtrip_values(ab_run, "vanilla"))
-    cells = comparison_row(table, "jepa")
-    assert cells[1] == f"{expected.difference:+.4f}" and cells[5] == f"{expected.p_one_sided:.3g}"
-    assert "vanilla" in table.split("## Against the baseline", 1)[1].splitlines()[0]
+    # The comparison is the paired test by seed on the summaries' roundtrip scores, as printed,
+    # with Welch's test beside it.
+    jepa, vanilla = roundtrip_values(ab_run, "jepa"), roundtrip_values(ab_run, "vanilla")
+    expected = ab_stats.paired_test(dict(zip((1, 2), jepa)), dict(zip((1, 2), vanilla)))
+    welch = ab_stats.welch_test(jepa, vanilla)
+    cells = leaderboard_row(table, "jepa")
+    assert cells[:3] == ["1", "jepa", "2"]
+    assert cells[3] == f"{expected.difference:+.4f}" and cells[5] == f"{expected.p_one_sided:.3g}"
+    assert cells[4] == f"[{expected.ci_low:+.4f}, {expected.ci_high:+.4f}]"
+    assert cells[7] == f"{welch.difference:+.4f} ({welch.p_one_sided:.3g})"
+    assert "vanilla" in table.split("## Leaderboard against the baseline", 1)[1].splitlines()[0]
+    assert "[effects.png](effects.png)" in table and "[curves.png](curves.png)" in table
 
-    png = (ab_run["out"] / "curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", png[16:24])
-    assert width >= 800 and height >= 300 and len(png) > 20_000  # two drawn panels, not an empty canvas
+    # effects.json holds exactly the table's paired differences and CIs.
+    effects = json.loads((ab_run["out"] / "effects.json").read_text())
+    (arm,) = effects["arms"]
+    assert arm["arm"] == "jepa" and arm["n_pairs"] == 2 and effects["budget"] == "steps"
+    assert f"{arm['difference']:+.4f}" == cells[3] and f"[{arm['ci_low']:+.4f}, {arm['ci_high']:+.4f}]" == cells[4]
+    assert arm["seed_differences"] == pytest.approx({"1": jepa[0] - vanilla[0], "2": jepa[1] - vanilla[1]})
+    assert arm["step_time_ratio"] is None and arm["iterations"] is None  # --budget steps: nothing measured
+
+    for name in ("effects.png", "curves.png"):
+        png = (ab_run["out"] / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+        width, height = struct.unpack(">II", png[16:24])
+        assert width >= 800 and height >= 300 and len(png) > 20_000, name  # drawn panels, not an empty canvas
 
 
 def test_summaries_are_read_as_the_trainer_wrote_them(ab_run):
@@ -271,7 +336,12 @@ def test_write_submission_from_the_summaries(ab_run):
     jepa, vanilla = roundtrip_values(ab_run, "jepa"), roundtrip_values(ab_run, "vanilla")
     assert submission["val_bpb"] == pytest.approx(statistics.fmean(jepa), abs=1e-15)
     assert [entry["val_bpb"] for entry in submission["seed_results"]] == jepa and submission["seeds"] == [1, 2]
-    assert submission["p_value"] == pytest.approx(ab.welch_test(jepa, vanilla).p_one_sided)
+    paired = ab_stats.paired_test(dict(zip((1, 2), jepa)), dict(zip((1, 2), vanilla)))
+    assert submission["p_value"] == pytest.approx(paired.p_one_sided)
+    assert submission["p_value_holm"] == pytest.approx(paired.p_one_sided)  # one candidate: Holm changes nothing
+    assert submission["val_bpb_difference"] == pytest.approx(paired.difference)
+    assert submission["welch_p_value"] == pytest.approx(ab_stats.welch_test(jepa, vanilla).p_one_sided)
+    assert submission["iterations"] == 4 and submission["step_time_ratio"] is None
     assert submission["baseline"]["arm"] == "vanilla"
     assert submission["baseline"]["val_bpb"] == pytest.approx(statistics.fmean(vanilla))
     summaries = [ab_run["summaries"][f"e2e_jepa_s{seed}"] for seed in (1, 2)]
@@ -292,11 +362,13 @@ def test_record_folder(ab_run):
     assert sorted(path.name for path in (record / "logs").iterdir()) == sorted(
         f"{run_id}{suffix}" for run_id in ab_run["summaries"] for suffix in (".json", ".txt"))
     readme = (record / "README.md").read_text()
-    assert "![" in readme and "(curves.png)" in readme and "python3 scripts/ab.py" in readme
+    assert "(effects.png)" in readme and "(curves.png)" in readme and "python3 scripts/ab.py" in readme
     assert all(f"RUN_ID={run_id} " in readme for run_id in ab_run["summaries"])
     assert "| jepa | 2 |" in readme
     assert json.loads((record / "submission.json").read_text())["arm"] == "jepa"
-    assert (record / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("curves.png", "effects.png"):
+        assert (record / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((record / "effects.json").read_text()) == json.loads((ab_run["out"] / "effects.json").read_text())
     # A second record into the same (non-empty) folder is refused.
     code, _, stderr = run_ab(ab_run["argv"] + ["--no-run", "--record", str(record)], ab_run["environ"])
     assert code == 2 and "not empty" in stderr
@@ -318,17 +390,17 @@ def test_record_refuses_a_log_from_another_trainer(ab_run):
     assert not record.exists()
 
 
-def test_single_seed_says_why_there_is_no_p_value(ab_run, monkeypatch):
-    monkeypatch.setattr(ab, "_scipy_t", lambda: None)  # as on a machine without scipy
+def test_single_seed_says_why_there_is_no_p_value(ab_run):
     argv = ARMS + COMMON + ["--seeds", "1", "--tag", "e2e", "--no-run", "--out", str(ab_run["root"] / "single")]
     code, _, stderr = run_ab(argv, ab_run["environ"])
     assert code == 0, stderr
     table = (ab_run["root"] / "single" / "table.md").read_text()
-    assert "statistics: own Student t" in table
-    cells = comparison_row(table, "jepa")
-    assert cells[5] == "—" and "needs >= 2 seeds per arm" in cells[7]
+    cells = leaderboard_row(table, "jepa")
+    assert cells[4] == "—" and cells[5] == "—" and cells[6] == "—" and "1 pair" in cells[11]
     jepa, vanilla = (ab_run["summaries"][f"e2e_{arm}_s1"]["roundtrip_val_bpb"] for arm in ("jepa", "vanilla"))
-    assert cells[1] == f"{jepa - vanilla:+.4f}"
+    assert cells[3] == f"{jepa - vanilla:+.4f}"
+    effects = json.loads((ab_run["root"] / "single" / "effects.json").read_text())
+    assert effects["arms"][0]["n_pairs"] == 1 and effects["arms"][0]["ci_low"] is None
 
 
 def test_no_run_names_the_missing_summaries(ab_run):
@@ -351,3 +423,30 @@ def test_a_failed_run_stops_with_its_log_tail(ab_run):
     table = (ab_run["root"] / "failed" / "table.md").read_text()
     assert "| broken | 0 |" in table and "| vanilla | 1 |" in table
     assert "| e2e_broken_s1 | broken | 1 | failed | — |" in table
+
+
+def test_compute_budget_end_to_end_measures_in_one_process_and_records_the_ratios(tiny_dataset, tmp_path):
+    # The real measurement (scripts/bench.py in a subprocess, one step per arm) and the runs it sizes.
+    environ = trainer_env(tiny_dataset, LOG_DIR=tmp_path / "logs")
+    argv = ["--arm", "ema:TARGET_EMA_DECAY=0.9", "--arm", "vanilla:JEPA_WEIGHT=0", "--env", "ITERATIONS=4",
+            "--seeds", "1", "--calibration-steps", "1", "--calibration-rounds", "1", "--calibration-warmup", "1",
+            "--out", str(tmp_path / "compute"), "--write-submission", "ema"]
+    code, stdout, stderr = run_ab(argv, environ)
+    assert code == 0, stdout + stderr
+    stored = json.loads((tmp_path / "compute" / "step_times.json").read_text())
+    ratio = stored["arms"]["ema"]["ratio"]
+    assert stored["arms"]["vanilla"]["ratio"] == 1.0 and ratio > 0 and "cpu" in stored["arms"]["ema"]["device"]
+    expected = {"ema": max(1, round(4 / ratio)), "vanilla": 4}
+    for arm in ("ema", "vanilla"):
+        summary = json.loads((tmp_path / "logs" / f"compute_{arm}_s1.json").read_text())
+        assert summary["steps"] == expected[arm] and summary["config"]["max_wallclock_seconds"] == 0
+        assert summary["ab"] == {"tag": "compute", "arm": arm, "baseline": "vanilla", "budget": "compute",
+                                 "iterations": expected[arm], "step_time_ratio": stored["arms"][arm]["ratio"]}
+    table = (tmp_path / "compute" / "table.md").read_text()
+    assert "## Step times (equal compute)" in table and "| ema | " in table
+    assert f"| {ratio:.3f} | {expected['ema']} |" in table
+    effects = json.loads((tmp_path / "compute" / "effects.json").read_text())
+    assert effects["arms"][0]["step_time_ratio"] == ratio and effects["arms"][0]["iterations"] == expected["ema"]
+    submission = json.loads((tmp_path / "compute" / "submission.json").read_text())
+    assert submission["step_time_ratio"] == ratio and submission["iterations"] == expected["ema"]
+    assert submission["baseline"]["iterations"] == 4
