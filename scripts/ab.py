@@ -273,8 +273,9 @@ def apply_budget(budget: str, common: dict[str, str], resolve: Callable[[dict[st
     common.setdefault("ITERATIONS", str(WALLCLOCK_ITERATIONS))
 
 
-# Measures {arm: settings} in one process; returns ({arm: (step ms, ratio to the baseline)}, device).
-StepTimer = Callable[["Plan", dict[str, dict[str, str]]], tuple[dict[str, tuple[float, float]], str]]
+# Measures {arm: settings} in one process; returns ({arm: (step ms, ratio to the baseline, per-round
+# ratios)}, device).
+StepTimer = Callable[["Plan", dict[str, dict[str, str]]], tuple[dict[str, tuple[float, float, list[float]]], str]]
 
 
 def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer: StepTimer | None = None) -> Plan:
@@ -399,10 +400,11 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
         timings, device = step_timer(plan, {name: timing_settings(plan, by_name[name]) for name in measured})
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for name in missing:
-            step_ms, ratio = timings[name]
+            step_ms, ratio, ratio_rounds = timings[name]
             valid[name] = {"settings": timing_settings(plan, by_name[name]), "step_ms": step_ms,
-                           "ratio": 1.0 if name == plan.baseline else ratio, "device": device, "measured_at": when,
-                           "steps": args.calibration_steps, "rounds": args.calibration_rounds}
+                           "ratio": 1.0 if name == plan.baseline else ratio, "ratio_rounds": ratio_rounds,
+                           "device": device, "measured_at": when, "steps": args.calibration_steps,
+                           "rounds": args.calibration_rounds}
     baseline_iterations = int(plan.common["ITERATIONS"])
     iterations = compute_iterations(baseline_iterations, {name: entry["ratio"] for name, entry in valid.items()})
     for name, entry in valid.items():
@@ -417,7 +419,7 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
 
 
 def measure_step_times(plan: Plan, settings_by_arm: dict[str, dict[str, str]]
-                       ) -> tuple[dict[str, tuple[float, float]], str]:
+                       ) -> tuple[dict[str, tuple[float, float, list[float]]], str]:
     """scripts/bench.py --spec in a subprocess with the runs' environment (threads, visible devices):
     one process builds every arm's Trainer and times its real step in interleaved rounds; each
     ratio is the median over rounds of the arm's time over the baseline's in the same round."""
@@ -438,7 +440,11 @@ def measure_step_times(plan: Plan, settings_by_arm: dict[str, dict[str, str]]
                             f"{log_tail(console_path)}")
         measured = json.loads(result.read_text(encoding="utf-8"))
     print(console_path.read_text(encoding="utf-8"), end="", flush=True)
-    return {row["path"]: (row["step_avg_ms"], row["ratio"]) for row in measured["paths"]}, measured["device"]
+    baseline_rounds = next(row["rounds_ms"] for row in measured["paths"] if row["path"] == plan.baseline)
+    for row in measured["paths"]:  # the per-round ratios show how precise the median is
+        row["ratio_rounds"] = [t / b for t, b in zip(row["rounds_ms"], baseline_rounds)]
+    return ({row["path"]: (row["step_avg_ms"], row["ratio"], row["ratio_rounds"]) for row in measured["paths"]},
+            measured["device"])
 
 
 # =============================================================================
@@ -699,11 +705,14 @@ def render_table(plan: Plan, command_line: str, failures: list[str], comparisons
              f"{entry['steps']} steps x {entry['rounds']} interleaved rounds; ratio: median over rounds of the "
              f"arm's time over the baseline's in the same round) on {entry['device']}, "
              f"{entry['measured_at']}; kept in [{STEP_TIMES_FILE}]({STEP_TIMES_FILE})."), "",
-            "| arm | step ms | ratio to baseline | ITERATIONS |", "|---|---|---|---|",
+            "| arm | step ms | ratio to baseline | per-round ratios (min - max) | ITERATIONS |", "|---|---|---|---|---|",
         ]
-        lines += [table_row([arm.name, f"{plan.step_times[arm.name]['step_ms']:.1f}",
-                             f"{plan.step_times[arm.name]['ratio']:.3f}", str(plan.iterations(arm.name))])
-                  for arm in plan.arms]
+        for arm in plan.arms:
+            entry = plan.step_times[arm.name]
+            rounds = entry.get("ratio_rounds") or []
+            spread = f"{min(rounds):.3f} - {max(rounds):.3f}" if rounds and arm.name != plan.baseline else "—"
+            lines.append(table_row([arm.name, f"{entry['step_ms']:.1f}", f"{entry['ratio']:.3f}", spread,
+                                    str(plan.iterations(arm.name))]))
         lines.append("")
     lines += [
         "## Per arm", "",
@@ -945,8 +954,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="compute (default): the baseline runs ITERATIONS, the others as many steps as the "
                         "same compute buys (step times measured in one process); steps: ITERATIONS for every "
                         "arm; wallclock: MAX_WALLCLOCK_SECONDS of training (dedicated machines only)")
-    parser.add_argument("--calibration-steps", type=int, default=5, help="compute budget: timed steps per round")
-    parser.add_argument("--calibration-rounds", type=int, default=3, help="compute budget: interleaved rounds")
+    # Many short rounds: on a shared machine load comes in bursts of seconds, and a round's arms
+    # run back to back, so per-round ratios are paired and their median resists the bursts.
+    parser.add_argument("--calibration-steps", type=int, default=2, help="compute budget: timed steps per round")
+    parser.add_argument("--calibration-rounds", type=int, default=10, help="compute budget: interleaved rounds")
     parser.add_argument("--calibration-warmup", type=int, default=2, help="compute budget: untimed steps first")
     parser.add_argument("--launcher", default="", help='command before the trainer, e.g. "torchrun --standalone '
                         '--nproc_per_node=8" (default: this Python)')

@@ -148,7 +148,8 @@ class StepTimer:
     def __call__(self, plan: ab.Plan, settings_by_arm: dict[str, dict[str, str]]) -> tuple[dict[str, float], str]:
         self.calls.append(sorted(settings_by_arm))
         baseline = self.step_ms[plan.baseline]
-        return {arm: (self.step_ms[arm], self.step_ms[arm] / baseline) for arm in settings_by_arm}, "test device"
+        return ({arm: (self.step_ms[arm], self.step_ms[arm] / baseline, [self.step_ms[arm] / baseline] * 3)
+                 for arm in settings_by_arm}, "test device")
 
 
 def test_compute_budget_gives_slower_arms_proportionally_fewer_iterations(tmp_path):
