@@ -445,7 +445,8 @@ def test_compute_budget_end_to_end_measures_in_one_process_and_records_the_ratio
                                  "iterations": expected[arm], "step_time_ratio": stored["arms"][arm]["ratio"]}
     table = (tmp_path / "compute" / "table.md").read_text()
     assert "## Step times (equal compute)" in table and "| ema | " in table
-    assert f"| {ratio:.3f} | {expected['ema']} |" in table
+    step_ms = stored["arms"]["ema"]["step_ms"]
+    assert f"| ema | {step_ms:.1f} | {ratio:.3f} | {ratio:.3f} - {ratio:.3f} | {expected['ema']} |" in table
     effects = json.loads((tmp_path / "compute" / "effects.json").read_text())
     assert effects["arms"][0]["step_time_ratio"] == ratio and effects["arms"][0]["iterations"] == expected["ema"]
     submission = json.loads((tmp_path / "compute" / "submission.json").read_text())
