@@ -387,8 +387,11 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
     by_name = {arm.name: arm for arm in plan.arms}
     valid = {name: entry for name, entry in stored.get("arms", {}).items()
              if name in by_name and entry.get("settings") == timing_settings(plan, by_name[name])}
+    # Arms of other invocations (a subset rerun with --no-run, say) keep their measurement, as
+    # long as the baseline it is relative to is unchanged.
+    others = {name: entry for name, entry in stored.get("arms", {}).items() if name not in by_name}
     if plan.baseline not in valid:
-        valid = {}
+        valid, others = {}, {}
     missing = [arm.name for arm in plan.arms if arm.name not in valid]
     if missing:
         if args.no_run:
@@ -410,12 +413,12 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
     for name, entry in valid.items():
         entry["iterations"] = iterations[name]
     record = {"baseline": plan.baseline, "baseline_iterations": baseline_iterations,
-              "arms": {arm.name: valid[arm.name] for arm in plan.arms}}
+              "arms": {**{arm.name: valid[arm.name] for arm in plan.arms}, **others}}
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, path)
-    return record["arms"]
+    return {arm.name: valid[arm.name] for arm in plan.arms}
 
 
 def measure_step_times(plan: Plan, settings_by_arm: dict[str, dict[str, str]]

@@ -177,6 +177,13 @@ def test_compute_budget_gives_slower_arms_proportionally_fewer_iterations(tmp_pa
     timer = StepTimer({"vanilla": 50.0, "span": 100.0})
     more = ab.build_plan(ab.parse_args(["--arm", "span:JEPA_MODE=span"] + argv), environ, step_timer=timer)
     assert timer.calls == [["span", "vanilla"]] and more.iterations("span") == 100 and more.iterations("slow") == 160
+    # A subset of the arms (a table of two, say) keeps the others' measurements for later.
+    subset = ab.build_plan(ab.parse_args(["--arm", "slow:TARGET_EMA_DECAY=0.99", "--arm", "vanilla:JEPA_WEIGHT=0",
+                                          "--env", "ITERATIONS=200", "--out", str(tmp_path / "c")]), environ,
+                           step_timer=never)
+    assert subset.iterations("slow") == 160 and never.calls == []
+    assert sorted(json.loads((tmp_path / "c" / "step_times.json").read_text())["arms"]) == [
+        "fast", "slow", "span", "vanilla"]
     # A changed baseline (its settings are part of every ratio) remeasures every arm.
     timer = StepTimer({"vanilla": 100.0, "slow": 200.0, "fast": 100.0})
     changed = [arg.replace("ITERATIONS=200", "ITERATIONS=200 MATRIX_LR=0.03") for arg in argv]
