@@ -112,14 +112,29 @@ def seed_mean_curve(curves: Sequence[tuple[Sequence[float], Sequence[float]]]
     return grid, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
 
 
-def run_curve(run: dict[str, Any], source: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
-    """One run's (x, y): x is the step or the training time in seconds, y is val_bpb or the
-    smoothed train loss; sorted by x with duplicates dropped (np.interp needs increasing x)."""
+def step_time_ratios(effects: dict[str, Any]) -> dict[str, float | None]:
+    """Each arm's step time relative to the baseline's (the baseline's is 1; None if not measured)."""
+    return {effects["baseline"]: 1.0, **{arm["arm"]: arm.get("step_time_ratio") for arm in effects["arms"]}}
+
+
+def second_axis(effects: dict[str, Any], arms: Sequence[str]) -> str:
+    """The right-hand panel's x: "compute" (step x step-time ratio, in baseline steps) when every
+    drawn arm's ratio was measured (--budget compute): the axis on which the arms' budgets end
+    together. Training time otherwise; under compute it would show the machine's load instead."""
+    ratios = step_time_ratios(effects)
+    return "compute" if arms and all(ratios.get(arm) is not None for arm in arms) else "time"
+
+
+def run_curve(run: dict[str, Any], source: str, axis: str, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One run's (x, y): x is the step, the training time in seconds or the compute (step x the
+    arm's step-time ratio), y is val_bpb or the smoothed train loss; sorted by x with duplicates
+    dropped (np.interp needs increasing x)."""
     history = run.get("val_history" if source == "val" else "train_history") or []
     key = "val_bpb" if source == "val" else "train_loss"
-    points = [point for point in history if point.get(key) is not None and point.get(
-        "step" if axis == "step" else "train_time_ms") is not None]
-    x = np.array([point["step"] if axis == "step" else point["train_time_ms"] / 1000 for point in points], dtype=float)
+    field = "train_time_ms" if axis == "time" else "step"
+    points = [point for point in history if point.get(key) is not None and point.get(field) is not None]
+    scale = {"step": 1.0, "compute": ratio, "time": 1 / 1000}[axis]
+    x = np.array([point[field] * scale for point in points], dtype=float)
     y = np.array([point[key] for point in points], dtype=float)
     if source == "train":
         y = smooth(y)
@@ -238,7 +253,9 @@ def curves_figure(effects: dict[str, Any], runs: Sequence[dict[str, Any]], max_a
     source = curve_source(drawn_runs)
     colours = plt.get_cmap("tab10")
     figure, panels = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    tails = {axis: [] for axis in ("step", "time")}
+    axes_names = ("step", second_axis(effects, arms))
+    ratios = step_time_ratios(effects)
+    tails = {axis: [] for axis in axes_names}
     for index, arm in enumerate(arms):
         arm_runs = [run for run in drawn_runs if run["arm"] == arm]
         if not arm_runs:
@@ -247,8 +264,9 @@ def curves_figure(effects: dict[str, Any], runs: Sequence[dict[str, Any]], max_a
         score = np.mean([run["roundtrip_val_bpb"] for run in arm_runs])
         label = (f"{arm}{' (baseline)' if arm == effects['baseline'] else ''}: {len(arm_runs)} "
                  f"seed{'s' if len(arm_runs) > 1 else ''}, roundtrip {score:.4f}")
-        for axes, axis in zip(panels, ("step", "time")):
-            x, mean, low, high = seed_mean_curve([run_curve(run, source, axis) for run in arm_runs])
+        for axes, axis in zip(panels, axes_names):
+            ratio = ratios.get(arm) or 1.0
+            x, mean, low, high = seed_mean_curve([run_curve(run, source, axis, ratio) for run in arm_runs])
             if len(x):
                 axes.plot(x, mean, color=colour, linewidth=1.5, label=label, gid=f"curve:{arm}:{axis}",
                           marker="o" if source == "val" or len(x) == 1 else None, markersize=3)
@@ -256,13 +274,17 @@ def curves_figure(effects: dict[str, Any], runs: Sequence[dict[str, Any]], max_a
                 tails[axis].append(mean[x >= x[0] + 0.1 * (x[-1] - x[0])])
             if source == "val":
                 # The score itself, in the same unit: the int6+lzma roundtrip of the final weights.
-                finals = [run["steps"] if axis == "step" else final_time_s(run) for run in arm_runs]
+                finals = [final_time_s(run) if axis == "time" else run["steps"] * (ratio if axis == "compute" else 1)
+                          for run in arm_runs]
                 finals = [value for value in finals if value is not None]
                 if finals:
                     axes.plot([np.mean(finals)], [score], "x", color=colour, markersize=8, markeredgewidth=2)
     what = "val_bpb" if source == "val" else f"train_loss (EMA-smoothed, weight {SMOOTHING_WEIGHT})"
-    for axes, axis in zip(panels, ("step", "time")):
-        axes.set_xlabel("step" if axis == "step" else "training time (s)")
+    x_labels = {"step": "step (each arm's own schedule: compare the end points)",
+                "compute": "compute: step x step-time ratio (baseline steps; the budgets end together)",
+                "time": "training time (s)"}
+    for axes, axis in zip(panels, axes_names):
+        axes.set_xlabel(x_labels[axis])
         axes.set_ylabel(what)
         axes.grid(alpha=0.3)
         if source == "train" and tails[axis]:

@@ -175,6 +175,22 @@ def test_arms_to_draw_and_the_drawn_curves():
     ab_figures.pyplot().close(figure)
 
 
+def test_curves_use_the_compute_axis_when_step_times_were_measured():
+    effects, runs = synthetic(3, 1)  # measured ratios 1, 1.02, 1.04 (see synthetic)
+    arms = ab_figures.arms_to_draw(effects, 4)
+    assert ab_figures.second_axis(effects, arms) == "compute"
+    figure = ab_figures.curves_figure(effects, runs, max_arms=4)
+    for arm in effects["arms"]:
+        (line,) = [line for axes in figure.axes for line in axes.get_lines()
+                   if line.get_gid() == f"curve:{arm['arm']}:compute"]
+        arm_runs = [run for run in runs if run["arm"] == arm["arm"]]
+        last_step = min(run["train_history"][-1]["step"] for run in arm_runs)
+        assert line.get_xdata()[-1] == pytest.approx(last_step * arm["step_time_ratio"])
+    ab_figures.pyplot().close(figure)
+    unmeasured, _ = synthetic(3, 1, measured=False)
+    assert ab_figures.second_axis(unmeasured, arms) == "time"
+
+
 def test_seed_mean_curve_by_hand():
     # A: (0,1) (10,2) (20,3); B: (0,2) (5,2) (20,4) (30,9). Common range [0, 20] (B's 30 is beyond A's end),
     # grid = union inside it = 0, 5, 10, 20. A at 5 = 1.5; B at 10 = 2 + (5/15) * 2 = 8/3.
