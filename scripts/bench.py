@@ -109,6 +109,9 @@ def measure(paths: dict[str, dict[str, str]], steps: int, rounds: int, warmup: i
     return timings, peak_mib, runtime
 
 
+SYNTHETIC_FOLDERS: dict[str, str] = {}  # DATA_PATH without shards -> a synthetic shard folder, made once
+
+
 def with_data(environ: dict[str, str]) -> dict[str, str]:
     """The environment with a DATA_PATH that has train shards (a synthetic one if it has none)."""
     probe = trainer_module.load_hyperparameters(environ)
@@ -121,8 +124,6 @@ def with_data(environ: dict[str, str]) -> dict[str, str]:
               f"{SYNTHETIC_FOLDERS[probe.data_path]}")
     return {**environ, "DATA_PATH": SYNTHETIC_FOLDERS[probe.data_path]}
 
-
-SYNTHETIC_FOLDERS: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
