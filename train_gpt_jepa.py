@@ -987,12 +987,16 @@ class JepaHead(nn.Module):
         centred, divisor = row_moments(z, row_weights)
         return torch.sqrt(centred.square().sum(dim=0) / divisor)
 
+    @staticmethod
+    def _rows(latents: list[Tensor]) -> Tensor:  # [(B, T', L), ...] -> (rows, L) fp32
+        """One side's latents as the matrix a regulariser or a statistic reads."""
+        return torch.cat([z.reshape(-1, z.size(-1)) for z in latents]).float()
+
     def _latents(
         self, context_features: Tensor, target_features: Tensor, span_mask: Tensor | None,
-    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor | None]:
-        """Per horizon, the predictions and the targets they regress; all predictions and the target
-        latents as (rows, D_LATENT) fp32 matrices (the two sides a regulariser can act on); and the
-        0/1 row weights of span mode (None elsewhere)."""
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor | None]:
+        """Per horizon, the predictions and the targets they regress; the target latents z_tgt
+        (B, T, L); and the 0/1 row weights of span mode (None elsewhere)."""
         z_context = self.context_projection(rms_norm(context_features))
         z_target = self.target_projection(rms_norm(target_features))
         predictions: list[Tensor] = []
@@ -1015,9 +1019,7 @@ class JepaHead(nn.Module):
             predictions.append(self.predictors[0](z_context))
             targets.append(z_target)
             row_weights = span_mask.reshape(-1).float()
-        prediction_latents = torch.cat([p.reshape(-1, p.size(-1)) for p in predictions]).float()
-        target_latents = z_target.float().reshape(-1, z_target.size(-1))
-        return predictions, targets, prediction_latents, target_latents, row_weights
+        return predictions, targets, z_target, row_weights
 
     def forward(
         self,
@@ -1027,14 +1029,16 @@ class JepaHead(nn.Module):
         sigreg_directions: Tensor | None = None,  # (D_LATENT, slices) unit columns, sigreg only
     ) -> tuple[Tensor, Tensor]:
         """The prediction loss and the anti-collapse loss of the regularised side."""
-        predictions, targets, prediction_latents, target_latents, row_weights = self._latents(
-            context_features, target_features, span_mask)
+        predictions, targets, z_target, row_weights = self._latents(context_features, target_features, span_mask)
         # Losses and regularisers in fp32 with autocast off: a covariance summed over many rows
         # and SIGReg's characteristic function need more than bf16's 8 bits of mantissa.
         with torch.autocast(device_type=context_features.device.type, enabled=False):
             prediction_loss = sum(w * self._prediction_loss(p, t, row_weights)
                                   for w, p, t in zip(self.offset_weights, predictions, targets))
-            regularised = target_latents if self.regularised_side == "target" else prediction_latents
+            if self.anti_collapse == "none":
+                return prediction_loss, prediction_loss.new_zeros(())
+            # Only the regularised side is assembled here; the other is diagnostics' business.
+            regularised = self._rows([z_target] if self.regularised_side == "target" else predictions)
             regulariser_loss = self._regulariser(regularised, sigreg_directions, row_weights)
         return prediction_loss, regulariser_loss
 
@@ -1046,9 +1050,9 @@ class JepaHead(nn.Module):
         """The other side's regulariser (what it would be if it were the regularised one), the
         latent std (mean and min over dims) of both sides and the effective rank of z_tgt: the
         signs of collapse. Log steps only; one host sync for the whole set."""
-        _, _, prediction_latents, target_latents, row_weights = self._latents(
-            context_features, target_features, span_mask)
+        predictions, _, z_target, row_weights = self._latents(context_features, target_features, span_mask)
         with torch.autocast(device_type=context_features.device.type, enabled=False):
+            prediction_latents, target_latents = self._rows(predictions), self._rows([z_target])
             other = prediction_latents if self.regularised_side == "target" else target_latents
             prediction_std = self._latent_std(prediction_latents, row_weights)
             target_std = self._latent_std(target_latents, row_weights)
@@ -2226,6 +2230,10 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
                 metrics = trainer.read_metrics()
                 if "jepa_loss" in metrics and runtime.master and trainer.last_jepa_batch is not None:
                     metrics.update(trainer.jepa_diagnostics())
+                if runtime.distributed:
+                    # The other ranks wait here, clock paused, rather than in the next step's
+                    # collectives: rank 0's diagnostics must not reach any rank's training time.
+                    dist.barrier()
                 remaining_ms = (hp.iterations - step) * (train_ms / step)
                 if max_wallclock_ms > 0:
                     remaining_ms = min(remaining_ms, max(max_wallclock_ms - train_ms, 0.0))

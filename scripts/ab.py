@@ -367,6 +367,50 @@ def timing_settings(plan: Plan, arm: Arm) -> dict[str, str]:
             if name not in ("ITERATIONS", "LOG_DIR")}
 
 
+def launcher_world_size(launcher: list[str]) -> int:
+    """Processes a torchrun launcher starts (--nproc_per_node x --nnodes); 1 for a plain Python."""
+    values: dict[str, int] = {}
+    for index, part in enumerate(launcher):
+        for flag in ("--nproc_per_node", "--nproc-per-node", "--nnodes"):
+            text = None
+            if part.startswith(flag + "="):
+                text = part.split("=", 1)[1]
+            elif part == flag and index + 1 < len(launcher):
+                text = launcher[index + 1]
+            if text is not None and text.isdigit():
+                values[flag.lstrip("-").replace("-", "_")] = int(text)
+    return values.get("nproc_per_node", 1) * values.get("nnodes", 1)
+
+
+def per_rank_settings(plan: Plan, settings: dict[str, str]) -> dict[str, str]:
+    """What one rank of the runs does per step, as one process: its share of the global batch in
+    the micro-steps it would run (GRAD_ACCUM_STEPS defaults to 8 // WORLD_SIZE). Timing the whole
+    global batch in one process instead would spread JEPA's per-step costs (the EMA update, the
+    head's all-reduce) over 8 micro-steps and under-price them."""
+    world_size = launcher_world_size(plan.launcher)
+    if world_size == 1:
+        return settings
+    trainer = load_trainer_module()
+    try:
+        hp = trainer.load_hyperparameters({**plan.base_environment, **settings})
+        accumulation = trainer.validate_hyperparameters(hp, world_size)
+    except trainer.ConfigError as error:
+        raise UserError(f"--budget compute with {world_size} processes per run: {error}") from None
+    return {**settings, "TRAIN_BATCH_TOKENS": str(hp.train_batch_tokens // world_size),
+            "GRAD_ACCUM_STEPS": str(accumulation)}
+
+
+def measurement_context(plan: Plan) -> dict[str, str]:
+    """What a stored measurement must share with a new run for its ratios to apply: the
+    baseline, the trainer's code, the launcher and the machine."""
+    import torch  # loaded with the trainer already
+
+    machine = (f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available()
+               else f"cpu x{os.cpu_count()}")
+    return {"baseline": plan.baseline, "trainer_sha256": trainer_sha256(), "launcher": " ".join(plan.launcher[1:]),
+            "machine": machine}
+
+
 def compute_iterations(baseline_iterations: int, ratios: Mapping[str, float]) -> dict[str, int]:
     """Equal compute: an arm whose step costs ratio x the baseline's gets 1/ratio of its steps."""
     return {arm: max(1, round(baseline_iterations / ratio)) for arm, ratio in ratios.items()}
@@ -376,7 +420,8 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
     """Every arm's step time relative to the baseline's, measured in one process, and its
     ITERATIONS. Kept in OUT/step_times.json: a rerun reuses it (the same ITERATIONS, so finished
     runs stay valid); arms that are new or whose settings changed are measured beside the
-    baseline; a changed baseline remeasures everything."""
+    baseline; a changed baseline (its settings or which arm it is) remeasures everything, and so
+    does, before new runs, another trainer, launcher or machine. --no-run reads what the runs used."""
     path = plan.out_dir / STEP_TIMES_FILE
     stored: dict[str, Any] = {"arms": {}}
     if path.is_file():
@@ -390,7 +435,12 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
     # Arms of other invocations (a subset rerun with --no-run, say) keep their measurement, as
     # long as the baseline it is relative to is unchanged.
     others = {name: entry for name, entry in stored.get("arms", {}).items() if name not in by_name}
-    if plan.baseline not in valid:
+    context = measurement_context(plan)
+    changed = [key for key, value in context.items() if stored.get(key) != value
+               and (key == "baseline" or not args.no_run)]
+    if plan.baseline not in valid or changed:
+        if stored.get("arms") and changed:
+            print(f"step times in {path} are stale ({', '.join(changed)} changed): measuring again", flush=True)
         valid, others = {}, {}
     missing = [arm.name for arm in plan.arms if arm.name not in valid]
     if missing:
@@ -400,7 +450,8 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
         measured = [plan.baseline] + [name for name in missing if name != plan.baseline]
         print(f"measuring step times of {len(measured)} arm(s) in one process "
               f"({args.calibration_steps} steps x {args.calibration_rounds} rounds) ...", flush=True)
-        timings, device = step_timer(plan, {name: timing_settings(plan, by_name[name]) for name in measured})
+        timings, device = step_timer(plan, {name: per_rank_settings(plan, timing_settings(plan, by_name[name]))
+                                            for name in measured})
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for name in missing:
             step_ms, ratio, ratio_rounds = timings[name]
@@ -412,7 +463,9 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
     iterations = compute_iterations(baseline_iterations, {name: entry["ratio"] for name, entry in valid.items()})
     for name, entry in valid.items():
         entry["iterations"] = iterations[name]
-    record = {"baseline": plan.baseline, "baseline_iterations": baseline_iterations,
+    if not missing:  # nothing measured now: the context is the stored measurement's
+        context = {key: stored.get(key) for key in context}
+    record = {**context, "baseline_iterations": baseline_iterations,
               "arms": {**{arm.name: valid[arm.name] for arm in plan.arms}, **others}}
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
@@ -583,7 +636,7 @@ class Comparison:
         if self.significant:
             return f"beats the baseline (Holm p < {ab_stats.SIGNIFICANCE_LEVEL})"
         if 1.0 - result.p_one_sided < ab_stats.SIGNIFICANCE_LEVEL:
-            return f"loses to the baseline (p < {ab_stats.SIGNIFICANCE_LEVEL}, the other side)"
+            return f"loses to the baseline (one-sided p < {ab_stats.SIGNIFICANCE_LEVEL} the other way, unadjusted)"
         return f"tie: not significant at p < {ab_stats.SIGNIFICANCE_LEVEL}"
 
 

@@ -189,6 +189,22 @@ def test_compute_budget_gives_slower_arms_proportionally_fewer_iterations(tmp_pa
     changed = [arg.replace("ITERATIONS=200", "ITERATIONS=200 MATRIX_LR=0.03") for arg in argv]
     plan = ab.build_plan(ab.parse_args(changed), environ, step_timer=timer)
     assert timer.calls == [["fast", "slow", "vanilla"]] and plan.iterations("slow") == 100
+    # Another baseline (which arm it is) makes every stored ratio meaningless: all are measured again.
+    timer = StepTimer({"vanilla": 100.0, "slow": 200.0, "fast": 100.0})
+    rebased = ab.build_plan(ab.parse_args(changed + ["--baseline", "slow"]), environ, step_timer=timer)
+    assert timer.calls == [["fast", "slow", "vanilla"]] and rebased.iterations("slow") == 200
+    assert rebased.iterations("vanilla") == 400
+    # So does another trainer before new runs (--no-run reads what the finished runs used).
+    stored = json.loads((tmp_path / "c" / "step_times.json").read_text())
+    assert stored["baseline"] == "slow" and stored["trainer_sha256"] == ab.trainer_sha256()
+    stored["trainer_sha256"] = "0" * 64
+    (tmp_path / "c" / "step_times.json").write_text(json.dumps(stored))
+    no_run = ab.build_plan(ab.parse_args(changed + ["--baseline", "slow", "--no-run"]), environ, step_timer=never)
+    assert never.calls == [] and no_run.iterations("vanilla") == 400
+    timer = StepTimer({"vanilla": 100.0, "slow": 100.0, "fast": 100.0})
+    ab.build_plan(ab.parse_args(changed + ["--baseline", "slow"]), environ, step_timer=timer)
+    assert timer.calls == [["fast", "slow", "vanilla"]]
+
     # FINAL_EMA=-1 would switch on at ITERATIONS >= 1000 for the baseline only: every arm gets the baseline's.
     argv = ["--arm", "slow:TARGET_EMA_DECAY=0.99", "--arm", "vanilla:JEPA_WEIGHT=0", "--env",
             "ITERATIONS=1000 FINAL_EMA=-1", "--seeds", "1", "--out", str(tmp_path / "e")]
@@ -459,3 +475,21 @@ def test_compute_budget_end_to_end_measures_in_one_process_and_records_the_ratio
     submission = json.loads((tmp_path / "compute" / "submission.json").read_text())
     assert submission["step_time_ratio"] == ratio and submission["iterations"] == expected["ema"]
     assert submission["baseline"]["iterations"] == 4
+
+
+def test_compute_budget_times_one_rank_of_a_multi_process_run(tmp_path):
+    assert ab.launcher_world_size(["python3"]) == 1
+    assert ab.launcher_world_size(["torchrun", "--standalone", "--nproc_per_node=8"]) == 8
+    assert ab.launcher_world_size(["torchrun", "--nnodes", "2", "--nproc-per-node", "4"]) == 8
+    environ = {"PRESET": "tiny", "PATH": os.environ.get("PATH", "")}
+    timer = StepTimer({"vanilla": 100.0, "jepa": 130.0})
+    argv = ["--env", "ITERATIONS=100", "--seeds", "1", "--launcher", "torchrun --standalone --nproc_per_node=4",
+            "--out", str(tmp_path / "ddp")]
+    captured: list[dict[str, dict[str, str]]] = []
+    plan = ab.build_plan(ab.parse_args(argv), environ,
+                         step_timer=lambda plan, settings: captured.append(settings) or timer(plan, settings))
+    # The tiny preset's 8,192 tokens per step over 4 ranks x 2 micro-steps: one rank's share, as one process.
+    assert captured[0]["jepa"]["TRAIN_BATCH_TOKENS"] == "2048" and captured[0]["jepa"]["GRAD_ACCUM_STEPS"] == "2"
+    assert "GRAD_ACCUM_STEPS" not in plan.runs[0].settings  # the runs themselves are unchanged
+    assert plan.iterations("jepa") == 77
+

@@ -60,11 +60,19 @@ def test_a_jepa_step_computes_no_diagnostics(tiny_dataset, monkeypatch):
     calls: list[str] = []
     original = T.JepaHead._regulariser
     monkeypatch.setattr(T.JepaHead, "_regulariser", lambda self, *a: calls.append("reg") or original(self, *a))
+    rows: list[int] = []
+    original_rows = T.JepaHead._rows
+    monkeypatch.setattr(T.JepaHead, "_rows", staticmethod(lambda latents: rows.append(1) or original_rows(latents)))
     outcome = trainer.step(0, lambda: 0.0, jepa_weight=0.5)
     assert outcome["jepa_weight"] == 0.5
-    assert calls == ["reg"] * trainer.grad_accum_steps  # the regularised side only, once per micro-step
+    # The regularised side only, once per micro-step: the other side is never even assembled.
+    assert calls == ["reg"] * trainer.grad_accum_steps and len(rows) == trainer.grad_accum_steps
     metrics = trainer.read_metrics()
     assert set(metrics) == {"train_loss", "total_loss", "jepa_loss", "reg_loss"}
+    # Without an anti-collapse term there is no side to assemble at all.
+    calls.clear(), rows.clear()
+    make_trainer(tiny_dataset, ANTI_COLLAPSE="none").step(0, lambda: 0.0, jepa_weight=0.5)
+    assert calls == [] and rows == []
 
 
 @pytest.mark.parametrize("overrides", [
