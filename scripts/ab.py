@@ -407,8 +407,8 @@ def measurement_context(plan: Plan) -> dict[str, str]:
 
     machine = (f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available()
                else f"cpu x{os.cpu_count()}")
-    return {"baseline": plan.baseline, "trainer_sha256": trainer_sha256(), "launcher": " ".join(plan.launcher[1:]),
-            "machine": machine}
+    launcher = "" if plan.launcher == [sys.executable] else " ".join(plan.launcher)  # the venv's path aside
+    return {"baseline": plan.baseline, "trainer_sha256": trainer_sha256(), "launcher": launcher, "machine": machine}
 
 
 def compute_iterations(baseline_iterations: int, ratios: Mapping[str, float]) -> dict[str, int]:
@@ -521,8 +521,14 @@ def read_summary(path: Path) -> dict[str, Any] | None:
         raise UserError(f"{path}: not a readable summary ({error})") from None
 
 
-def check_same_settings(plan: Plan, run: Run, summary: dict[str, Any]) -> None:
-    """A reused summary must come from the settings requested now, or the A/B would mix experiments."""
+def check_same_settings(plan: Plan, run: Run, summary: dict[str, Any], no_run: bool = False) -> None:
+    """A reused summary must come from the settings requested now, or the A/B would mix
+    experiments; and, when new runs will join it, from the same trainer code (--no-run only
+    reads: its table names every trainer sha256 it found)."""
+    if not no_run and summary.get("code_sha256") != trainer_sha256():
+        raise UserError(f"{summary_path(plan, run)} was produced by train_gpt_jepa.py with sha256 "
+                        f"{summary.get('code_sha256')}, not the current {trainer_sha256()}: new runs would mix "
+                        f"trainer versions; use another --tag or --out (or --no-run to read the old A/B)")
     stored = summary.get("config", {})
     differences = [f"{name.upper()}: {stored[name]!r} there, {value!r} now" for name, value in run.config.items()
                    if name not in LOCATION_FIELDS and name in stored and stored[name] != value]
@@ -570,7 +576,7 @@ def execute(plan: Plan, no_run: bool, keep_going: bool) -> list[str]:
     for run in plan.runs:  # every reused summary is checked before the first (long) run starts
         summary = read_summary(summary_path(plan, run))
         if summary is not None and summary.get("status") == "completed":
-            check_same_settings(plan, run, summary)
+            check_same_settings(plan, run, summary, no_run)
             run.summary, run.outcome = summary, "reused"
     pending = [run for run in plan.runs if run.outcome == "pending"]
     if no_run and pending:

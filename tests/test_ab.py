@@ -343,6 +343,22 @@ def test_rerun_from_the_command_line_reuses_every_run(ab_run):
     assert {path.name: path.stat().st_mtime_ns for path in ab_run["logs"].iterdir()} == before
 
 
+def test_reuse_refuses_summaries_of_another_trainer_unless_only_reading(ab_run):
+    other_logs = ab_run["root"] / "other_trainer_logs"
+    shutil.copytree(ab_run["logs"], other_logs)
+    summary_file = other_logs / "e2e_jepa_s1.json"
+    summary = json.loads(summary_file.read_text())
+    summary["code_sha256"] = "f" * 64
+    summary_file.write_text(json.dumps(summary))
+    argv = ARMS + COMMON + ["--env", f"LOG_DIR={other_logs}", "--seeds", "1,2", "--tag", "e2e",
+                            "--out", str(ab_run["root"] / "other_trainer")]
+    code, stdout, stderr = run_ab(argv, ab_run["environ"])
+    assert code == 2 and "f" * 64 in stderr and "mix trainer versions" in stderr and "run 1/4" not in stdout
+    code, _, stderr = run_ab(argv + ["--no-run"], ab_run["environ"])
+    assert code == 0, stderr
+    assert "runs from different trainer versions" in (ab_run["root"] / "other_trainer" / "table.md").read_text()
+
+
 def test_reuse_refuses_summaries_of_other_settings(ab_run):
     argv = [arg.replace("ITERATIONS=4", "ITERATIONS=5") for arg in ab_run["argv"]]
     code, stdout, stderr = run_ab(argv, ab_run["environ"])
