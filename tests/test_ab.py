@@ -343,13 +343,19 @@ def test_rerun_from_the_command_line_reuses_every_run(ab_run):
     assert {path.name: path.stat().st_mtime_ns for path in ab_run["logs"].iterdir()} == before
 
 
-def test_reuse_refuses_summaries_of_another_trainer_unless_only_reading(ab_run):
-    other_logs = ab_run["root"] / "other_trainer_logs"
-    shutil.copytree(ab_run["logs"], other_logs)
-    summary_file = other_logs / "e2e_jepa_s1.json"
+def logs_with_a_foreign_run(ab_run: dict, folder: str, run_id: str, sha256: str) -> Path:
+    """A copy of the A/B's logs in which one run's summary says another trainer produced it."""
+    logs = ab_run["root"] / folder
+    shutil.copytree(ab_run["logs"], logs)
+    summary_file = logs / f"{run_id}.json"
     summary = json.loads(summary_file.read_text())
-    summary["code_sha256"] = "f" * 64
+    summary["code_sha256"] = sha256
     summary_file.write_text(json.dumps(summary))
+    return logs
+
+
+def test_reuse_refuses_summaries_of_another_trainer_unless_only_reading(ab_run):
+    other_logs = logs_with_a_foreign_run(ab_run, "other_trainer_logs", "e2e_jepa_s1", "f" * 64)
     argv = ARMS + COMMON + ["--env", f"LOG_DIR={other_logs}", "--seeds", "1,2", "--tag", "e2e",
                             "--out", str(ab_run["root"] / "other_trainer")]
     code, stdout, stderr = run_ab(argv, ab_run["environ"])
@@ -415,12 +421,7 @@ def test_record_folder(ab_run):
 
 
 def test_record_refuses_a_log_from_another_trainer(ab_run):
-    tampered_logs = ab_run["root"] / "tampered_logs"
-    shutil.copytree(ab_run["logs"], tampered_logs)
-    summary_file = tampered_logs / "e2e_vanilla_s2.json"
-    summary = json.loads(summary_file.read_text())
-    summary["code_sha256"] = "0" * 64
-    summary_file.write_text(json.dumps(summary))
+    tampered_logs = logs_with_a_foreign_run(ab_run, "tampered_logs", "e2e_vanilla_s2", "0" * 64)
     record = ab_run["root"] / "tampered_record"
     argv = ARMS + COMMON + ["--env", f"LOG_DIR={tampered_logs}", "--seeds", "1,2", "--tag", "e2e", "--no-run",
                             "--out", str(ab_run["root"] / "tampered"), "--record", str(record)]
