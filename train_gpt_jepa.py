@@ -63,7 +63,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Hyperparameters:
     # ---- run and data ----
-    preset: str = "11L"  # tiny (CPU demo and tests) | 11L (record default) | 20L (deep and narrow)
+    preset: str = "11L"  # tiny (CPU demo and tests) | 11L (#549-class record stack) | frontier (#1855-class) | 20L (deep and narrow)
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model
     run_id: str = ""  # names logs/<RUN_ID>.txt and .json; empty = date, time and a random suffix
@@ -91,6 +91,8 @@ class Hyperparameters:
     # ---- device ----
     compile: int = -1  # torch.compile: 1 on, 0 off, -1 = on with CUDA, off on the CPU
     compute_dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    model_dtype: str = "auto"  # embedding tables' dtype (linears and control tensors stay fp32): auto = the compute dtype
+    tf32: bool = True  # CUDA: TF32 for the fp32 matmuls left under autocast, as the records set it
 
     # ---- model shape ----
     vocab_size: int = 1024  # must equal the tokenizer's piece count
@@ -104,11 +106,23 @@ class Hyperparameters:
     qk_gain_init: float = 1.5  # initial per-head gain on the normalised queries
     logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap)
     tied_embed_init_std: float = 0.005  # init std of the tied input/output embedding
-    bigram_vocab_size: int = 2048  # BigramHash buckets; 0 = off
+    bigram_vocab_size: int = 1536  # BigramHash buckets (#549 trained 1536); 0 = off
     bigram_dim: int = 128  # BigramHash table width before its projection to MODEL_DIM
     smear_gate: bool = True  # mix each position's embedding with the previous one's
-    xsa_last_n: int = 4  # exclusive self-attention in the last N blocks
+    bos_smear_fix: bool = True  # SmearGate and BigramHash never reach across a BOS into the previous document (#1855)
+    bos_id: int = 1  # the token that starts every document (the challenge's <s>)
+    xsa_last_n: int = 4  # exclusive self-attention in the last N blocks (NUM_LAYERS = every block)
     ln_scale: bool = True  # scale block inputs after RMSNorm by 1/sqrt(layer + 1)
+    ortho_init: bool = True  # orthogonal init of every linear of at least 64x64 that does not start at zero
+    rope_train_seq_len: int = 1024  # longer sequences get an NTK-rescaled RoPE base (#549 at 2048); 0 = never
+    ve_dim: int = 128  # value embeddings: width of the shared table (#549: 128); 0 = off
+    ve_layers: str = "-2,-1"  # blocks whose attention adds the value embedding to v; negative counts from the end (#549: 9,10 of 11)
+    parallel_residual_start: int = -1  # blocks from this index on run attention and MLP in parallel (#1529: 8); -1 = off
+    loop_layers: str = ""  # depth recurrence: a block range such as 3-5 run LOOP_COUNT more times; empty = off
+    loop_count: int = 2  # extra passes over LOOP_LAYERS (#1855: 2, so 3-5 runs three times)
+    loop_start_fraction: float = 0.35  # looping starts once this fraction of training is done (#1855: 0.35)
+    skip_gates: bool = False  # U-Net skips through a learned per-channel sigmoid gate (#1855)
+    attn_output_gate: bool = False  # per-head sigmoid gate on attention outputs, read from 12 channels (#1787)
 
     # ---- optimizer ----
     tied_embed_lr: float = 0.035  # AdamW, embeddings
@@ -118,14 +132,21 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0, rising linearly
     muon_momentum_warmup_steps: int = 1500  # steps of that rise
     muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (Muon's) | polar (Polar Express, #1344)
     muon_wd: float = 0.04  # decoupled weight decay of Muon matrices
-    adam_wd: float = 0.04  # decoupled weight decay of embeddings (never of gains and scales)
+    adam_wd: float = 0.04  # decoupled weight decay of embeddings
+    scalar_wd: float = 0.04  # decoupled weight decay of gains, scales, mixes and gates (the records: ADAM_WD)
+    min_lr: float = 0.0  # floor of the LR multiplier in the warmdown (#1787: 0.1)
     beta1: float = 0.9  # AdamW betas and epsilon
     beta2: float = 0.95  # (see BETA1)
     adam_eps: float = 1e-8  # (see BETA1)
     grad_clip_norm: float = 0.3  # 0 = no clipping
     final_ema: int = -1  # export an EMA of the weights: 1 on, 0 off, -1 = on when ITERATIONS >= 1000
     final_ema_decay: float = 0.997  # decay of that EMA, updated after every step
+    swa_enabled: bool = True  # export the mean of SWA snapshots (of the EMA when FINAL_EMA is on) from late in the warmdown
+    swa_every: int = 50  # a snapshot every this-many steps ...
+    swa_start_lr: float = 0.2  # ... once the LR multiplier is below this (the records: 0.2)
+    qat_start_fraction: float = 0.15  # late QAT: int6 fake quantisation over the last this fraction of training; 0 = off
 
     # ---- JEPA ----
     jepa_weight: float = 0.1  # weight of the JEPA loss; 0 = vanilla (no JEPA part built or run)
@@ -189,6 +210,19 @@ class Hyperparameters:
             return self.vicreg_on
         return "pred" if self.jepa_mode == "span" else "target"
 
+    @property
+    def value_embedding_layers(self) -> list[int]:
+        if self.ve_dim <= 0:
+            return []
+        return sorted({int(part) % self.num_layers for part in self.ve_layers.split(",") if part.strip()})
+
+    @property
+    def loop_layer_range(self) -> tuple[int, int] | None:
+        if not self.loop_layers.strip():
+            return None
+        first, _, last = self.loop_layers.partition("-")
+        return int(first), int(last or first)
+
     def final_ema_enabled(self) -> bool:
         return self.final_ema == 1 or (self.final_ema == -1 and self.iterations >= 1000)
 
@@ -197,7 +231,8 @@ class Hyperparameters:
 MODEL_SHAPE_FIELDS = (
     "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
     "rope_base", "qk_gain_init", "logit_softcap", "tied_embed_init_std", "bigram_vocab_size",
-    "bigram_dim", "smear_gate", "xsa_last_n", "ln_scale",
+    "bigram_dim", "smear_gate", "bos_smear_fix", "bos_id", "xsa_last_n", "ln_scale", "rope_train_seq_len",
+    "ve_dim", "ve_layers", "parallel_residual_start", "loop_layers", "loop_count", "skip_gates", "attn_output_gate",
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -211,10 +246,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "NUM_LAYERS": 4, "MODEL_DIM": 128, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "ROPE_DIMS": 16,
         "BIGRAM_VOCAB_SIZE": 512, "BIGRAM_DIM": 32, "XSA_LAST_N": 2, "D_LATENT": 64,
         "MUON_MOMENTUM_WARMUP_STEPS": 100, "JEPA_WARMUP_STEPS": 20, "TIED_EMBED_LR": 0.05,
-        "MATRIX_LR": 0.04, "SCALAR_LR": 0.04, "TARGET_EMA_DECAY": 0.99,
+        "MATRIX_LR": 0.04, "SCALAR_LR": 0.04, "TARGET_EMA_DECAY": 0.99, "VE_DIM": 32,
+        "SWA_EVERY": 5,
     },
-    # The record configuration: the class defaults above.
+    # The #549-class record stack (1.1194 bpb, minus its test-time training): the class defaults.
     "11L": {},
+    # The #1855-class architecture and optimiser (1.0611 bpb on SP8192 with CaseOps, LQER, GPTQ and
+    # TTT, which are not here) on sp1024: MLP 4x, XSA everywhere, QK gain 5, parallel residuals
+    # from block 8, blocks 3-5 looped twice from 35% of training, Polar-Express Muon, an LR floor,
+    # gated skips and attention outputs, and #1855's learning rates, decays and EMA.
+    "frontier": {
+        "MLP_MULT": 4.0, "XSA_LAST_N": 11, "QK_GAIN_INIT": 5.0, "PARALLEL_RESIDUAL_START": 8,
+        "LOOP_LAYERS": "3-5", "LOOP_COUNT": 2, "LOOP_START_FRACTION": 0.35, "MUON_NS": "polar", "MIN_LR": 0.1,
+        "SKIP_GATES": True, "ATTN_OUTPUT_GATE": True, "ROPE_TRAIN_SEQ_LEN": 0, "MATRIX_LR": 0.026, "SCALAR_LR": 0.02,
+        "TIED_EMBED_LR": 0.03, "MUON_MOMENTUM": 0.97, "MUON_WD": 0.095, "ADAM_WD": 0.085, "SCALAR_WD": 0.02,
+        # #1855 warmed down over the last 85% of its ~6,200 steps (looping began at step 2178 = 35%).
+        "BETA2": 0.99, "FINAL_EMA_DECAY": 0.9965, "WARMDOWN_ITERS": 5300,
+    },
     # Twice the depth at three quarters of the width: about the 11L parameter count, so it also fits.
     "20L": {"NUM_LAYERS": 20, "MODEL_DIM": 384, "NUM_HEADS": 6, "NUM_KV_HEADS": 3, "XSA_LAST_N": 6},
 }
@@ -228,7 +276,8 @@ FOREIGN_ENV_NAMES = {
     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
 }
 # Prefixes only this trainer uses: an unknown variable with one of them is certainly a typo.
-OWN_ENV_PREFIXES = ("JEPA_", "VICREG_", "SIGREG_", "BIGRAM_", "MUON_", "XSA_", "ROPE_", "QK_", "TIED_EMBED")
+OWN_ENV_PREFIXES = ("JEPA_", "VICREG_", "SIGREG_", "BIGRAM_", "MUON_", "XSA_", "ROPE_", "QK_", "TIED_EMBED", "VE_",
+                    "LOOP_", "SWA_", "QAT_", "BOS_")
 
 
 def _parse_env_value(name: str, raw: str, kind: str) -> Any:
@@ -373,7 +422,42 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.jepa_span_mean >= 1, f"JEPA_SPAN_MEAN={hp.jepa_span_mean} must be >= 1")
     _require(hp.jepa_pred_mult > 0, f"JEPA_PRED_MULT={hp.jepa_pred_mult} must be positive")
     _require(hp.sigreg_slices > 0, f"SIGREG_SLICES={hp.sigreg_slices} must be positive")
+    validate_record_stack(hp)
     return grad_accum_steps
+
+
+def validate_record_stack(hp: Hyperparameters) -> None:
+    """The record-parity and frontier switches."""
+    _require(hp.model_dtype in ("auto", "bfloat16", "float32"),
+             f"MODEL_DTYPE={hp.model_dtype!r} must be auto, bfloat16 or float32")
+    _require(0 <= hp.bos_id < hp.vocab_size, f"BOS_ID={hp.bos_id} must be a token id below VOCAB_SIZE={hp.vocab_size}")
+    _require(hp.rope_train_seq_len >= 0, f"ROPE_TRAIN_SEQ_LEN={hp.rope_train_seq_len} must be >= 0 (0 = never rescale)")
+    _require(hp.ve_dim >= 0, f"VE_DIM={hp.ve_dim} must be >= 0 (0 = off)")
+    try:
+        ve_layers = [int(part) for part in hp.ve_layers.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"VE_LAYERS={hp.ve_layers!r} must be comma-separated block indices such as 9,10") from None
+    _require(all(-hp.num_layers <= index < hp.num_layers for index in ve_layers),
+             f"VE_LAYERS={hp.ve_layers!r} must index blocks: between {-hp.num_layers} and {hp.num_layers - 1}")
+    _require(-1 <= hp.parallel_residual_start < hp.num_layers,
+             f"PARALLEL_RESIDUAL_START={hp.parallel_residual_start} must be -1 (off) or a block index below "
+             f"NUM_LAYERS={hp.num_layers}")
+    loop_message = (f"LOOP_LAYERS={hp.loop_layers!r} must be a block range first-last such as 3-5 with "
+                    f"0 <= first <= last < NUM_LAYERS={hp.num_layers}, or empty (off)")
+    try:
+        loop_range = hp.loop_layer_range
+    except ValueError:
+        raise ConfigError(loop_message) from None
+    _require(loop_range is None or 0 <= loop_range[0] <= loop_range[1] < hp.num_layers, loop_message)
+    _require(hp.loop_count >= 0, f"LOOP_COUNT={hp.loop_count} must be >= 0")
+    _require(0 <= hp.loop_start_fraction < 1, f"LOOP_START_FRACTION={hp.loop_start_fraction} must be in [0, 1)")
+    _require(hp.muon_ns in NEWTON_SCHULZ_KINDS, f"MUON_NS={hp.muon_ns!r} must be quintic or polar")
+    _require(hp.scalar_wd >= 0 and hp.adam_wd >= 0 and hp.muon_wd >= 0,
+             "MUON_WD, ADAM_WD and SCALAR_WD must be >= 0")
+    _require(0 <= hp.min_lr < 1, f"MIN_LR={hp.min_lr} must be in [0, 1)")
+    _require(hp.swa_every > 0, f"SWA_EVERY={hp.swa_every} must be positive")
+    _require(0 < hp.swa_start_lr <= 1, f"SWA_START_LR={hp.swa_start_lr} must be in (0, 1]")
+    _require(0 <= hp.qat_start_fraction < 1, f"QAT_START_FRACTION={hp.qat_start_fraction} must be in [0, 1) (0 = off)")
 
 
 # =============================================================================
@@ -384,16 +468,32 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
 # update gets the same size, which trains transformers' matrices faster than Adam.
 
 
-def newton_schulz_orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+# Muon's quintic: one (a, b, c) for every iteration; it pushes all singular values into
+# ~[0.7, 1.2] in 5 steps.
+QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al. 2025; records #1344, #1787): a different optimal quintic per
+# iteration, which lands closer to 1 in the same 5 steps. Longer runs repeat the last one.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NEWTON_SCHULZ_KINDS = {"quintic": QUINTIC_COEFFICIENTS, "polar": POLAR_EXPRESS_COEFFICIENTS}
+
+
+def newton_schulz_orthogonalize(matrix: Tensor, steps: int, kind: str = "quintic", eps: float = 1e-7) -> Tensor:
     """Approximate U @ V^T of matrix = U S V^T with a quintic Newton-Schulz iteration."""
-    # Coefficients of Muon's quintic: they push all singular values into ~[0.7, 1.2] in 5 steps.
-    a, b, c = 3.4445, -4.7750, 2.0315
+    coefficients = NEWTON_SCHULZ_KINDS[kind]
     x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
+    # The Frobenius norm bounds the spectral norm: every singular value starts at most 1.
     x = x / (x.norm() + eps)
     transposed = x.size(0) > x.size(1)
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.T
-    for _ in range(steps):
+    for iteration in range(steps):
+        a, b, c = coefficients[min(iteration, len(coefficients) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
@@ -404,11 +504,17 @@ class Muon(torch.optim.Optimizer):
     rank r orthogonalises parameters r, r+W, r+2W, ... and one all-reduce shares the updates."""
 
     def __init__(self, params: list[Tensor], lr: float, momentum: float, backend_steps: int,
-                 weight_decay: float, rank: int = 0, world_size: int = 1):
+                 weight_decay: float, rank: int = 0, world_size: int = 1, kind: str = "quintic",
+                 compiled: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay))
         self.rank = rank
         self.world_size = world_size
+        self.kind = kind
+        # Compiled on CUDA, as the records do: the iteration's matmuls fuse with their
+        # elementwise parts (graphs per matrix shape, made during compile priming). The CPU
+        # skips it: inductor's compile time there outweighs any gain at the CPU's model sizes.
+        self.orthogonalize = torch.compile(newton_schulz_orthogonalize) if compiled else newton_schulz_orthogonalize
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> None:
@@ -428,7 +534,7 @@ class Muon(torch.optim.Optimizer):
                     buffer = state["momentum_buffer"]
                     buffer.mul_(group["momentum"]).add_(param.grad)
                     nesterov_gradient = param.grad.add(buffer, alpha=group["momentum"])
-                    update = newton_schulz_orthogonalize(nesterov_gradient, group["backend_steps"])
+                    update = self.orthogonalize(nesterov_gradient, group["backend_steps"], self.kind)
                     # Orthogonal updates of tall matrices are scaled up to keep their RMS comparable.
                     update = update * max(1.0, param.size(0) / param.size(1)) ** 0.5
                     updates[offset:offset + param.numel()] = update.flatten()
@@ -613,17 +719,27 @@ def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
 
 class CastedLinear(nn.Linear):
     """A bias-free linear layer whose fp32 weight is cast to the activation dtype at matmul time:
-    the optimizer keeps full-precision weights while the matmuls run in bf16 on GPUs."""
+    the optimizer keeps full-precision weights while the matmuls run in bf16 on GPUs. With late
+    QAT on (qat_bits > 0, training mode only) the forward sees the weight exactly as the exporter
+    will store it, and the gradient passes straight through to the fp32 weight."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+        self.qat_bits = 0
         if zero_init:
             # Output projections into the residual stream start at zero: every block begins as
             # the identity, which keeps deep stacks stable in the first steps.
             nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight
+        if self.qat_bits and self.training:
+            codes, scales, _ = quantize_rows(weight, self.qat_bits)
+            # Adding the exact zero (w - w.detach()) keeps the dequantised values bit for bit and
+            # gives the straight-through gradient: d(loss)/dw as if the weight were unquantised.
+            weight = dequantize_rows(codes, scales).view_as(weight) + (weight - weight.detach())
+        return F.linear(x, weight.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -631,21 +747,29 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class PartialRotary(nn.Module):
-    """RoPE on the first `rotary_dims` dims of each head; the rest carry position-free content."""
+    """RoPE on the first `rotary_dims` dims of each head; the rest carry position-free content.
+    A sequence longer than ROPE_TRAIN_SEQ_LEN gets an NTK-rescaled base, base * s^(d/(d-2)) with
+    s = length / ROPE_TRAIN_SEQ_LEN, as the 1.1233 and #549 records did (1024, so 2048-token
+    sequences run at base ~22,080): the slowest frequency still turns less than once per window."""
 
-    def __init__(self, rotary_dims: int, base: float):
+    def __init__(self, rotary_dims: int, base: float, rope_train_seq_len: int = 0):
         super().__init__()
         self.rotary_dims = rotary_dims
         self.base = base
+        self.rope_train_seq_len = rope_train_seq_len
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, heads, T, head_dim)
         if self.rotary_dims == 0:
             return x
+        length = x.size(-2)
+        base = self.base
+        if self.rotary_dims > 2 and 0 < self.rope_train_seq_len < length:
+            base = base * (length / self.rope_train_seq_len) ** (self.rotary_dims / (self.rotary_dims - 2))
         # Recomputed per call rather than cached in a buffer: a few hundred flops that compile
         # folds away, and a model without buffers has nothing for DDP to broadcast.
         exponents = torch.arange(0, self.rotary_dims, 2, device=x.device, dtype=torch.float32) / self.rotary_dims
-        positions = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, 1.0 / self.base ** exponents)  # (T, rotary_dims / 2)
+        positions = torch.arange(length, device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions, 1.0 / base ** exponents)  # (T, rotary_dims / 2)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rotated, passthrough = x[..., :self.rotary_dims], x[..., self.rotary_dims:]
         half = self.rotary_dims // 2
@@ -654,12 +778,16 @@ class PartialRotary(nn.Module):
         return torch.cat((rotated, passthrough), dim=-1)
 
 
+ATTN_GATE_INPUTS = 12  # the sparse attention output gate reads the first 12 channels (#1787)
+
+
 class CausalSelfAttention(nn.Module):
     """GQA attention with q/k RMSNorm, partial RoPE, a learned per-head query gain and optional
     XSA (exclusive self-attention: each output has its own value direction projected out, so a
-    head must bring information from other positions instead of copying the token itself)."""
+    head must bring information from other positions instead of copying the token itself).
+    Optional: value embeddings added to v (VE_LAYERS) and a per-head output gate (ATTN_OUTPUT_GATE)."""
 
-    def __init__(self, hp: Hyperparameters, use_xsa: bool):
+    def __init__(self, hp: Hyperparameters, use_xsa: bool, use_value_embedding: bool):
         super().__init__()
         self.num_heads = hp.num_heads
         self.num_kv_heads = hp.num_kv_heads
@@ -671,13 +799,21 @@ class CausalSelfAttention(nn.Module):
         self.value = CastedLinear(hp.model_dim, kv_dim)
         self.output = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
         self.query_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
-        self.rotary = PartialRotary(hp.rope_dims, hp.rope_base)
+        self.rotary = PartialRotary(hp.rope_dims, hp.rope_base, hp.rope_train_seq_len)
+        # This layer's own weight on the shared value embedding (#549: VE on layers 9 and 10).
+        self.value_embedding_scale = nn.Parameter(torch.ones(())) if use_value_embedding else None
+        # Sparse output gate: sigmoid(0.5 * W x[:12]) per head, 0.5 at init (W = 0).
+        self.output_gate = (nn.Parameter(torch.zeros(hp.num_heads, min(ATTN_GATE_INPUTS, hp.model_dim)))
+                            if hp.attn_output_gate else None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, value_embedding: Tensor | None = None) -> Tensor:
         batch, length, width = x.shape
         q = self.query(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.key(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.value(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.value(x)  # (B, T, kv_dim)
+        if self.value_embedding_scale is not None and value_embedding is not None:
+            v = v + self.value_embedding_scale.to(v.dtype) * value_embedding.to(v.dtype)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q)) * self.query_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k))
         y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True,
@@ -689,6 +825,9 @@ class CausalSelfAttention(nn.Module):
             own_value = F.normalize(v.float(), dim=-1).to(v.dtype).unsqueeze(2)  # (B, Hkv, 1, T, hd)
             y = y - (y * own_value).sum(dim=-1, keepdim=True) * own_value
             y = y.view(batch, self.num_heads, length, self.head_dim)
+        if self.output_gate is not None:
+            gate_logits = F.linear(x[..., :self.output_gate.size(1)], self.output_gate.to(x.dtype))  # (B, T, H)
+            y = y * torch.sigmoid(0.5 * gate_logits).transpose(1, 2).unsqueeze(-1).to(y.dtype)
         y = y.transpose(1, 2).reshape(batch, length, width)
         return self.output(y)
 
@@ -707,10 +846,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer block. Sequential (x + attn, then + mlp of the result) or, from
+    PARALLEL_RESIDUAL_START on, parallel: attention and MLP both read the block's input and
+    their outputs are added together (#1493's single-lane form)."""
+
     def __init__(self, hp: Hyperparameters, layer_index: int):
         super().__init__()
-        self.attention = CausalSelfAttention(hp, use_xsa=layer_index >= hp.num_layers - hp.xsa_last_n)
+        self.attention = CausalSelfAttention(hp, use_xsa=layer_index >= hp.num_layers - hp.xsa_last_n,
+                                             use_value_embedding=layer_index in hp.value_embedding_layers)
         self.mlp = MLP(hp)
+        self.parallel = 0 <= hp.parallel_residual_start <= layer_index
         self.attention_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
         # resid_mix: learned blend of the running stream x and the block-0 input x0 (per channel).
@@ -718,12 +863,15 @@ class Block(nn.Module):
         # LN scale: deeper blocks read a damped copy of the stream, which tames its growth with depth.
         self.input_scale = 1.0 / math.sqrt(layer_index + 1) if hp.ln_scale else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embedding: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attention_scale.to(x.dtype) * self.attention(rms_norm(x) * self.input_scale)
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale)
-        return x
+        normed = rms_norm(x) * self.input_scale
+        attention_out = self.attention_scale.to(x.dtype) * self.attention(normed, value_embedding)
+        if self.parallel:
+            return x + attention_out + self.mlp_scale.to(x.dtype) * self.mlp(normed)
+        x = x + attention_out
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale)
 
 
 class BigramHash(nn.Module):
@@ -734,6 +882,7 @@ class BigramHash(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.num_buckets = hp.bigram_vocab_size
+        self.bos_id = hp.bos_id if hp.bos_smear_fix else -1
         self.table = nn.Embedding(hp.bigram_vocab_size, hp.bigram_dim)
         nn.init.zeros_(self.table.weight)
         self.projection = CastedLinear(hp.bigram_dim, hp.model_dim)
@@ -743,33 +892,66 @@ class BigramHash(nn.Module):
         current = tokens.to(torch.int64)
         previous = F.pad(current[:, :-1], (1, 0))
         # Odd multipliers before the xor spread (previous, current) pairs over the buckets; the
-        # last bucket is reserved for position 0, which has no previous token.
+        # last bucket is reserved for positions without a previous token: position 0 and, with
+        # BOS_SMEAR_FIX, every document's BOS (its predecessor belongs to another document).
         hashed = torch.bitwise_xor(current * 92821, previous * 68917) % (self.num_buckets - 1)
         hashed[:, 0] = self.num_buckets - 1
+        if self.bos_id >= 0:
+            hashed = torch.where(current == self.bos_id, self.num_buckets - 1, hashed)
         return hashed
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.scale.to(torch.float32) * self.projection(self.table(self.bucket_ids(tokens)))
 
 
+class ValueEmbedding(nn.Module):
+    """#549's value embeddings: one table of VE_DIM per token, projected to the key/value width
+    and added to v in the VE_LAYERS blocks (each with its own scale): token identity reaches the
+    late layers' values directly instead of through ten layers of residual stream."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.table = nn.Embedding(hp.vocab_size, hp.ve_dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.projection = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, kv_dim)
+        return self.scale.to(torch.float32) * self.projection(self.table(tokens))
+
+
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g = sigmoid(w): the
-    cheapest way to let every position see its predecessor before the first attention layer."""
+    cheapest way to let every position see its predecessor before the first attention layer.
+    With BOS_SMEAR_FIX a document's BOS takes nothing from the previous document's last token
+    (#1855 found that leak in packed streams)."""
 
-    def __init__(self, model_dim: int):
+    def __init__(self, model_dim: int, bos_id: int = -1):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(model_dim))
+        self.bos_id = bos_id
 
-    def forward(self, x: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate).to(x.dtype)
+    def forward(self, x: Tensor, tokens: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)  # (D,)
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.bos_id >= 0:
+            starts = tokens == self.bos_id  # (B, T)
+            if token_mask is not None:
+                # A masked BOS must look like any masked token, or the gate would reveal it.
+                starts = starts & ~token_mask
+            g = g * (~starts).unsqueeze(-1).to(x.dtype)  # (B, T, D)
         return (1 - g) * x + g * previous
 
 
 class GPT(nn.Module):
     """The backbone: embeddings, U-Net-connected blocks, tied output head. forward() returns the
     cross-entropy of the rows that have targets and, when asked, the output of one block (the
-    features the JEPA projections read)."""
+    features the JEPA projections read).
+
+    Depth recurrence (LOOP_LAYERS): once `looping` is switched on, the blocks of LOOP_LAYERS run
+    LOOP_COUNT more times in a row, with the same weights. U-Net skips pair blocks, not passes:
+    decoder block num_layers - 1 - i adds the latest output of encoder block i, so loops add
+    compute but no parameter."""
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
@@ -777,12 +959,43 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.token_embedding.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp) if hp.bigram_vocab_size > 0 else None
-        self.smear = SmearGate(hp.model_dim) if hp.smear_gate else None
+        self.smear = SmearGate(hp.model_dim, hp.bos_id if hp.bos_smear_fix else -1) if hp.smear_gate else None
+        self.value_embedding = ValueEmbedding(hp) if hp.value_embedding_layers else None
         self.blocks = nn.ModuleList([Block(hp, index) for index in range(hp.num_layers)])
         # U-Net: the outputs of the first half are added into the second half in reverse order.
         self.num_encoder_blocks = hp.num_layers // 2
         num_skips = min(self.num_encoder_blocks, hp.num_layers - self.num_encoder_blocks)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
+        # Gated skips (#1855): x <- g * x + (1 - g) * w * skip, g = sigmoid(gate) = 0.5 at init.
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim)) if hp.skip_gates else None
+        self.loop_layers = hp.loop_layer_range
+        self.loop_count = hp.loop_count
+        self.looping = False  # switched on at LOOP_START_FRACTION of training (and for evaluation)
+        if hp.ortho_init:
+            self._orthogonal_init(hp.num_layers)
+
+    def _orthogonal_init(self, num_layers: int) -> None:
+        """The records' init: every linear layer that does not start at zero and has both sides
+        of at least 64 gets an orthogonal matrix (gain 1), which keeps every direction of its
+        input at the same scale; the projections of the side embeddings (BigramHash, VE) are
+        then scaled by 1 / sqrt(2 * num_layers), as the 1.1233 record did, so they enter softly."""
+        side_projections = {id(module.projection) for module in (self.bigram, self.value_embedding) if module}
+        for module in self.modules():
+            if isinstance(module, CastedLinear) and min(module.weight.shape) >= 64:
+                if module.zero_init and id(module) not in side_projections:
+                    continue
+                with torch.no_grad():
+                    nn.init.orthogonal_(module.weight, gain=1.0)
+                    if id(module) in side_projections:
+                        module.weight.mul_(1.0 / math.sqrt(2 * num_layers))
+
+    def layer_order(self) -> list[int]:
+        """The blocks in the order they run: 0..L-1, with LOOP_LAYERS repeated when looping."""
+        order = list(range(len(self.blocks)))
+        if self.looping and self.loop_layers is not None and self.loop_count > 0:
+            first, last = self.loop_layers
+            order = order[:last + 1] + list(range(first, last + 1)) * self.loop_count + order[last + 1:]
+        return order
 
     def embed(self, input_ids: Tensor, token_mask: Tensor | None = None,
               mask_embedding: Tensor | None = None) -> Tensor:
@@ -800,46 +1013,64 @@ class GPT(nn.Module):
             x = x + bigram.to(x.dtype)
         x = rms_norm(x)
         if self.smear is not None:
-            x = self.smear(x)
+            x = self.smear(x, input_ids, token_mask)
         return x
 
-    def _run_block(self, index: int, x: Tensor, x0: Tensor, skips: list[Tensor]) -> Tensor:
+    def _run_block(self, index: int, x: Tensor, x0: Tensor, skips: dict[int, Tensor],
+                   value_embedding: Tensor | None) -> Tensor:
         decoder_index = index - self.num_encoder_blocks
-        if 0 <= decoder_index < self.skip_weights.size(0) and skips:
-            x = x + self.skip_weights[decoder_index].to(x.dtype) * skips.pop()
-        x = self.blocks[index](x, x0)
+        partner = self.num_encoder_blocks - 1 - decoder_index
+        if 0 <= decoder_index < self.skip_weights.size(0) and partner in skips:
+            skip = self.skip_weights[decoder_index].to(x.dtype) * skips[partner]
+            if self.skip_gates is not None:
+                gate = torch.sigmoid(self.skip_gates[decoder_index]).to(x.dtype)
+                x = gate * x + (1 - gate) * skip
+            else:
+                x = x + skip
+        x = self.blocks[index](x, x0, value_embedding)
         if index < self.num_encoder_blocks:
-            skips.append(x)
+            skips[index] = x
         return x
 
     def forward(
         self,
         input_ids: Tensor,  # (B, T)
         target_ids: Tensor | None = None,  # (B_ce, T): CE over the first B_ce rows of input_ids
-        feature_layer: int | None = None,  # return the output of this block as well
+        feature_layer: int | None = None,  # return the output of this block (its last pass) as well
         token_mask: Tensor | None = None,  # (B, T) bool: span-JEPA context rows
         mask_embedding: Tensor | None = None,
-        grad_layer: int | None = None,  # features carry gradient only into blocks >= grad_layer
+        grad_blocks: int | None = None,  # features carry gradient only into the last this-many block passes
         reduction: str = "mean",  # "none": per-token losses (B_ce, T) for evaluation
-        last_layer: int | None = None,  # stop after this block (target encoders need no more)
+        last_layer: int | None = None,  # stop after this block's last pass (target encoders need no more)
     ) -> tuple[Tensor | None, Tensor | None]:
         x0 = self.embed(input_ids, token_mask, mask_embedding)
-        x, skips = x0, []
+        value_embedding = None
+        if self.value_embedding is not None:
+            value_embedding = self.value_embedding(input_ids)
+            if token_mask is not None:  # a masked token's value embedding would reveal it
+                value_embedding = value_embedding.masked_fill(token_mask.unsqueeze(-1), 0.0)
+        order = self.layer_order()
+        feature_position = None if feature_layer is None else max(p for p, i in enumerate(order) if i == feature_layer)
+        final_position = len(order) - 1 if last_layer is None else max(p for p, i in enumerate(order) if i == last_layer)
+        cut_position = None
+        if grad_blocks is not None and feature_position is not None:
+            cut_position = max(feature_position - grad_blocks + 1, 0)
+        x, skips = x0, {}
         features: Tensor | None = None
-        saved: tuple[Tensor, Tensor, list[Tensor]] | None = None
-        final_index = len(self.blocks) - 1 if last_layer is None else last_layer
-        for index in range(final_index + 1):
-            if index == grad_layer:
-                saved = (x.detach(), x0.detach(), [skip.detach() for skip in skips])
-            x = self._run_block(index, x, x0, skips)
-            if index == feature_layer:
+        saved: tuple[Tensor, Tensor, dict[int, Tensor]] | None = None
+        for position in range(final_position + 1):
+            if position == cut_position:
+                saved = (x.detach(), x0.detach(), {key: skip.detach() for key, skip in skips.items()})
+            x = self._run_block(order[position], x, x0, skips, value_embedding)
+            if position == feature_position:
                 features = x
-        if saved is not None and feature_layer is not None:
-            # JEPA_GRAD_LAYERS: recompute blocks grad_layer..feature_layer from detached inputs, so
-            # the JEPA loss trains only those blocks while CE still trains all of them.
+        if saved is not None:
+            # JEPA_GRAD_LAYERS: recompute the last block passes up to the features from detached
+            # inputs, so the JEPA loss trains only those blocks while CE still trains all of them.
             x_cut, x0_cut, skips_cut = saved
-            for index in range(grad_layer, feature_layer + 1):
-                x_cut = self._run_block(index, x_cut, x0_cut, skips_cut)
+            ve_cut = value_embedding.detach() if value_embedding is not None else None
+            for position in range(cut_position, feature_position + 1):
+                x_cut = self._run_block(order[position], x_cut, x0_cut, skips_cut, ve_cut)
             features = x_cut
         if target_ids is None:
             return None, features
@@ -857,6 +1088,28 @@ class GPT(nn.Module):
     def logits(self, input_ids: Tensor) -> Tensor:  # (B, T) -> (B, T, vocab)
         _, hidden = self(input_ids, feature_layer=len(self.blocks) - 1)
         return self.output_logits(hidden)
+
+
+def set_late_qat(model: nn.Module, bits: int) -> None:
+    """Late QAT on (bits = 6) or off (0) for every matrix the exporter quantises."""
+    for module in model.modules():
+        if isinstance(module, CastedLinear):
+            module.qat_bits = bits
+
+
+def set_looping(models: list[nn.Module | None], on: bool) -> None:
+    """Depth recurrence on or off, for the online model and its target encoder alike."""
+    for model in models:
+        if model is not None:
+            model.looping = on
+
+
+def apply_model_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """The records' bf16 model: embedding tables in bf16 (so the residual stream is bf16 from its
+    first add), every linear weight and control tensor kept in fp32 for the optimizer."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.to(dtype)
 
 
 # =============================================================================
@@ -1182,23 +1435,27 @@ JEPA_MODULE_NAMES = ("context_projection", "target_projection", "predictors", "m
 
 def quantize_rows(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row symmetric quantisation with a clip search: each row keeps the clip (fraction of
-    its max |w|) with the least squared error. Returns (codes int8, scales fp16, error per row)."""
+    its max |w|) with the least squared error (the first such clip on a tie). Returns (codes
+    int8, scales fp16, error per row). All clips are tried at once, without data-dependent
+    shapes: late QAT runs this inside the compiled forward (one small graph rather than one
+    per clip), and its fake-quantised weights must be exactly the exporter's."""
     max_level = 2 ** (bits - 1) - 1
-    w = weight.detach().float().reshape(weight.size(0), -1)
+    w = weight.detach().float().reshape(weight.size(0), -1)  # (rows, cols)
     row_max = w.abs().amax(dim=1).clamp_min(1e-8)
-    best_error = torch.full((w.size(0),), float("inf"))
-    best_codes = torch.zeros_like(w, dtype=torch.int8)
-    best_scales = torch.zeros(w.size(0), dtype=torch.float16)
-    for ratio in CLIP_RATIOS:
-        # Scales are rounded to fp16 before coding so the error measured is the error stored.
-        scales = (row_max * ratio / max_level).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
-        codes = torch.clamp(torch.round(w / scales.float()[:, None]), -max_level, max_level)
-        error = (codes * scales.float()[:, None] - w).square().sum(dim=1)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_codes[better] = codes[better].to(torch.int8)
-        best_scales[better] = scales[better]
-    return best_codes, best_scales, best_error
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=w.device)
+    # Scales are rounded to fp16 before coding so the error measured is the error stored.
+    scales = (row_max[None, :] * ratios[:, None] / max_level).to(torch.float16)
+    scales = scales.clamp_min(torch.finfo(torch.float16).tiny)  # (clips, rows)
+    codes = torch.clamp(torch.round(w[None] / scales.float()[:, :, None]), -max_level, max_level)  # (clips, rows, cols)
+    errors = (codes * scales.float()[:, :, None] - w[None]).square().sum(dim=2)  # (clips, rows)
+    best = errors.argmin(dim=0)  # (rows,)
+    rows = torch.arange(w.size(0), device=w.device)
+    return codes[best, rows].to(torch.int8), scales[best, rows], errors[best, rows]
+
+
+def dequantize_rows(codes: Tensor, scales: Tensor) -> Tensor:
+    """The weights an artifact stores: codes times their row's fp16 scale, in fp32."""
+    return codes.float() * scales.float()[:, None]
 
 
 def tensor_storage_classes(model: nn.Module) -> dict[str, str]:
@@ -1325,9 +1582,9 @@ def read_artifact(path: Path) -> dict[str, Any]:
         if entry["storage"] == "float16":
             tensor = torch.frombuffer(bytearray(parts[0]), dtype=torch.float16).float()
         else:
-            codes = torch.frombuffer(bytearray(parts[0]), dtype=torch.int8).float().view(shape[0], -1)
-            scales = torch.frombuffer(bytearray(parts[1]), dtype=torch.float16).float()
-            tensor = codes * scales[:, None]
+            codes = torch.frombuffer(bytearray(parts[0]), dtype=torch.int8).view(shape[0], -1)
+            scales = torch.frombuffer(bytearray(parts[1]), dtype=torch.float16)
+            tensor = dequantize_rows(codes, scales)
         state[entry["name"]] = tensor.reshape(shape)
     return {"hyperparameters": metadata["hyperparameters"], "state_dict": state, "tensors": metadata["tensors"]}
 
@@ -1356,6 +1613,7 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None
     compile: bool
+    model_dtype: torch.dtype = torch.float32  # of the embedding tables (apply_model_dtype)
 
     @property
     def distributed(self) -> bool:
@@ -1382,8 +1640,10 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        # TF32 stays off: under bf16 autocast the only fp32 matmuls left are the JEPA losses'
-        # covariance and SIGReg projections, which are kept in fp32 for their precision.
+        # TF32 as the records set it: it speeds up the fp32 matmuls autocast leaves (Newton-Schulz
+        # off the bf16 path, the JEPA losses' covariance and SIGReg projections, 10 mantissa bits).
+        torch.backends.cuda.matmul.allow_tf32 = hp.tf32
+        torch.backends.cudnn.allow_tf32 = hp.tf32
     else:
         device = torch.device("cpu")
     if world_size > 1:
@@ -1395,9 +1655,11 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         autocast_dtype = None
     use_compile = hp.compile == 1 or (hp.compile == -1 and device.type == "cuda")
     if use_compile:
-        # One graph per (module, call signature): online, target, eval and roundtrip models.
+        # One graph per (module, call signature and phase): online, target, eval and roundtrip
+        # models, with late QAT and depth recurrence each on and off.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile)
+    model_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(hp.model_dtype, autocast_dtype or torch.float32)
+    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile, model_dtype)
 
 
 class RunLogger:
@@ -1449,7 +1711,7 @@ def device_name(runtime: Runtime) -> str:
 
 def build_optimizers(hp: Hyperparameters, runtime: Runtime, modules: list[nn.Module]) -> list[torch.optim.Optimizer]:
     """Muon for every matrix of a linear layer (backbone and JEPA alike), AdamW for embeddings,
-    AdamW without decay for everything else. Groups follow module types, not parameter names,
+    AdamW with SCALAR_WD for everything else (gains, scales, mixes, gates). Groups follow module types, not parameter names,
     and every trainable parameter must land in exactly one group (asserted)."""
     matrices, embeddings, scalars = [], [], []
     for root in modules:
@@ -1466,11 +1728,12 @@ def build_optimizers(hp: Hyperparameters, runtime: Runtime, modules: list[nn.Mod
     fused = runtime.device.type == "cuda"
     optimizers: list[torch.optim.Optimizer] = [
         Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-             weight_decay=hp.muon_wd, rank=runtime.rank, world_size=runtime.world_size),
+             weight_decay=hp.muon_wd, rank=runtime.rank, world_size=runtime.world_size, kind=hp.muon_ns,
+             compiled=runtime.compile and runtime.device.type == "cuda"),
         torch.optim.AdamW(embeddings, lr=hp.tied_embed_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
                           weight_decay=hp.adam_wd, fused=fused),
         torch.optim.AdamW(scalars, lr=hp.scalar_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
-                          weight_decay=0.0, fused=fused),
+                          weight_decay=hp.scalar_wd, fused=fused),
     ]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -1503,12 +1766,31 @@ class Schedule:
         return min(by_steps, remaining_ms / max(warmdown_ms, 1e-9))
 
     def lr_multiplier(self, step: int, elapsed_ms: float) -> float:
+        """Warmup times warmdown, the warmdown floored at MIN_LR."""
         warmup = min(1.0, (step + 1) / self.hp.lr_warmup_steps) if self.hp.lr_warmup_steps > 0 else 1.0
-        return warmup * self.warmdown(step, elapsed_ms)
+        return warmup * max(self.warmdown(step, elapsed_ms), self.hp.min_lr)
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         by_time = elapsed_ms / (1000.0 * self.hp.max_wallclock_seconds) if self.hp.max_wallclock_seconds > 0 else 0.0
         return max(step / self.hp.iterations, by_time)
+
+    def phase(self, step: int, elapsed_ms: float) -> tuple[bool, bool]:
+        """(late QAT on, depth recurrence on) at this point of training."""
+        return self.phase_at(self.progress(step, elapsed_ms))
+
+    def phase_at(self, progress: float) -> tuple[bool, bool]:
+        hp = self.hp
+        tolerance = 1e-9  # 1 - 0.15 is a hair above 0.85 in binary: step 85 of 100 is in the last 15%
+        qat = hp.qat_start_fraction > 0 and 1.0 - progress <= hp.qat_start_fraction + tolerance
+        looping = (hp.loop_layer_range is not None and hp.loop_count > 0
+                   and progress >= hp.loop_start_fraction - tolerance)
+        return qat, looping
+
+    def reachable_phases(self) -> list[tuple[bool, bool]]:
+        """Every (QAT, looping) pair a run passes through: compile priming runs each of them."""
+        starts = {0.0, 1.0 - self.hp.qat_start_fraction, self.hp.loop_start_fraction}
+        phases = [self.phase_at(progress) for progress in sorted(starts) if progress < 1.0]
+        return list(dict.fromkeys(phases))
 
     def ce_weight(self, step: int, elapsed_ms: float) -> float:
         """Curriculum: CE weight 0 during the first JEPA_ONLY_FRACTION of training."""
@@ -1562,6 +1844,7 @@ class Trainer:
         # JEPA_WEIGHT=0 and any JEPA run with the same SEED start from the same backbone.
         torch.manual_seed(hp.seed)
         self.model = GPT(hp).to(runtime.device)
+        apply_model_dtype(self.model, runtime.model_dtype)
         self.head: JepaHead | None = JepaHead(hp).to(runtime.device) if hp.jepa_enabled else None
         self.target_encoder: GPT | None = None
         if self.head is not None and hp.target_ema_decay > 0:
@@ -1583,6 +1866,10 @@ class Trainer:
         self.final_ema: list[Tensor] | None = None
         if hp.final_ema_enabled():
             self.final_ema = [p.detach().clone().float() for p in self.model.parameters()]
+        # SWA: the sum of the snapshots taken so far (fp32) and their count.
+        self.swa_sum: list[Tensor] | None = None
+        self.swa_count = 0
+        self.phase = (False, False)  # (late QAT, depth recurrence), switched by set_phase
         self.loader = DistributedTokenLoader(train_files, hp.vocab_size, runtime.rank, runtime.world_size, runtime.device)
         self.span_generator = torch.Generator().manual_seed(hp.seed * 1000 + runtime.rank)
         self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
@@ -1613,9 +1900,9 @@ class Trainer:
             # One forward over [unmasked rows for CE; masked copies for the JEPA context].
             online_inputs = torch.cat([inputs, inputs[:jepa_rows]])
             token_mask = torch.cat([torch.zeros_like(inputs, dtype=torch.bool), span_mask])
-        grad_layer = hp.jepa_layer_index - hp.jepa_grad_layers + 1 if hp.jepa_grad_layers > 0 else None
         ce_loss, features = online(online_inputs, targets, feature_layer=hp.jepa_layer_index, token_mask=token_mask,
-                                   mask_embedding=self.head.mask_embedding, grad_layer=grad_layer)
+                                   mask_embedding=self.head.mask_embedding,
+                                   grad_blocks=hp.jepa_grad_layers if hp.jepa_grad_layers > 0 else None)
         context = features[inputs.size(0):] if span_mask is not None else features[:jepa_rows]
         if target_encoder is None:
             # TARGET_EMA_DECAY=0: the target encoder is the online one, and it sees the same
@@ -1700,11 +1987,30 @@ class Trainer:
         directions = torch.randn(self.hp.d_latent, self.hp.sigreg_slices, generator=self.sigreg_generator)
         return F.normalize(directions, dim=0).to(self.runtime.device, non_blocking=True)
 
-    def step(self, step: int, elapsed_ms: Callable[[], float], jepa_weight: float | None = None) -> dict[str, Any]:
+    def set_phase(self, phase: tuple[bool, bool], step: int | None = None) -> None:
+        """Late QAT and depth recurrence on or off; logged when a training step switches them."""
+        if phase == self.phase:
+            return
+        qat, looping = phase
+        set_late_qat(self.model, 6 if qat else 0)
+        set_looping([self.model, self.target_encoder], looping)
+        if step is not None:
+            for name, before, after in zip(("late_qat", "looping"), self.phase, phase):
+                if before != after:
+                    self.log(f"{name}: {'on' if after else 'off'} from step {step} "
+                             f"(progress {self.schedule.progress(step, self.agreed_elapsed_ms):.3f})")
+        self.phase = phase
+
+    def step(self, step: int, elapsed_ms: Callable[[], float], jepa_weight: float | None = None,
+             phase: tuple[bool, bool] | None = None) -> dict[str, Any]:
         """One optimizer step over GRAD_ACCUM_STEPS micro-batches. Returns the schedule values
         and whether the step was skipped (non-finite loss, NAN_POLICY=skip) or a stop was asked.
-        jepa_weight overrides the schedule's (compile priming forces each path once)."""
+        jepa_weight and phase override the schedule's (compile priming forces each path once)."""
         hp = self.hp
+        if phase is None:
+            self.set_phase(self.schedule.phase(step, self.agreed_elapsed_ms), step)
+        else:
+            self.set_phase(phase)
         ce_weight = self.schedule.ce_weight(step, self.agreed_elapsed_ms)
         if jepa_weight is None:
             jepa_weight = self.schedule.jepa_weight(step, self.agreed_elapsed_ms)
@@ -1749,7 +2055,7 @@ class Trainer:
             optimizer.step()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.update_averages()
+        self.update_averages(step, outcome["lr_multiplier"])
         self.metric_sums += sums
         self.metric_counts[0] += self.grad_accum_steps
         self.metric_counts[1] += jepa_micro_steps
@@ -1787,14 +2093,33 @@ class Trainer:
         return bool(flags.all().item())
 
     @torch.no_grad()
-    def update_averages(self) -> None:
+    def update_averages(self, step: int, lr_multiplier: float) -> None:
         """The EMA target encoder and the final-weights EMA follow the online weights after every
-        optimizer step. Every rank holds identical online weights, so every rank's EMA agrees."""
+        optimizer step; SWA takes a snapshot every SWA_EVERY steps once the LR multiplier is below
+        SWA_START_LR. Every rank holds identical online weights, so every rank's averages agree."""
         online = list(self.model.parameters())
         if self.target_encoder is not None:
             ema_update(list(self.target_encoder.parameters()), online, self.hp.target_ema_decay)
         if self.final_ema is not None:
             ema_update(self.final_ema, [p.detach().float() for p in online], self.hp.final_ema_decay)
+        if self.hp.swa_enabled and (step + 1) % self.hp.swa_every == 0 and lr_multiplier < self.hp.swa_start_lr:
+            # Snapshots of the EMA when there is one: SWA then averages the smoothed trajectory.
+            snapshot = self.final_ema if self.final_ema is not None else [p.detach().float() for p in online]
+            if self.swa_sum is None:
+                self.swa_sum = [tensor.clone() for tensor in snapshot]
+            else:
+                torch._foreach_add_(self.swa_sum, snapshot)
+            self.swa_count += 1
+
+    def final_weights(self) -> tuple[str, list[Tensor]] | None:
+        """The averaged weights training ends with: the SWA mean when it took any snapshot, else
+        the final EMA when it is on; None when the last weights are the final ones."""
+        if self.swa_count > 0:
+            source = "ema" if self.final_ema is not None else "raw"
+            return f"swa of {self.swa_count} {source} snapshots", [t / self.swa_count for t in self.swa_sum]
+        if self.final_ema is not None:
+            return "ema", self.final_ema
+        return None
 
     def read_metrics(self) -> dict[str, float]:
         """Averages since the last call (a host sync, on log steps only)."""
@@ -1826,6 +2151,7 @@ class Trainer:
             "head": self.head.state_dict() if self.head is not None else None,
             "target_encoder": self.target_encoder.state_dict() if self.target_encoder is not None else None,
             "final_ema": self.final_ema,
+            "swa": (self.swa_sum, self.swa_count),
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
         }
 
@@ -1838,6 +2164,8 @@ class Trainer:
             self.target_encoder.load_state_dict(state["target_encoder"])
         if self.final_ema is not None:
             self.final_ema = [tensor.to(device=device, dtype=torch.float32).clone() for tensor in state["final_ema"]]
+        swa_sum, self.swa_count = state.get("swa", (None, 0))
+        self.swa_sum = None if swa_sum is None else [tensor.to(device=device).clone() for tensor in swa_sum]
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(optimizer_state)
 
@@ -1990,8 +2318,12 @@ def format_train_line(step: int, hp: Hyperparameters, metrics: dict[str, float],
 
 
 def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str, Tensor]) -> nn.Module:
-    """A fresh backbone (no JEPA part) holding the given weights, compiled like training's."""
+    """A fresh backbone (no JEPA part) holding the given weights, in training's dtypes and final
+    phase (looping on when configured: training always ends past LOOP_START_FRACTION), compiled
+    like training's."""
     model = GPT(hp).to(runtime.device)
+    apply_model_dtype(model, runtime.model_dtype)
+    model.looping = Schedule(hp, jepa_active=False).phase_at(1.0)[1]
     model.load_state_dict({name: tensor.to(runtime.device) for name, tensor in state_dict.items()}, strict=True)
     return torch.compile(model, dynamic=False, fullgraph=True) if runtime.compile else model
 
@@ -2073,17 +2405,93 @@ class TrainingClock:
 
 def prime_and_undo(trainer: Trainer) -> int:
     """WARMUP_STEPS: prime compilation and the allocator on the real step function, then undo every
-    effect (weights, optimizer states, averages, data position, generators). A JEPA run alternates
-    the JEPA step and the vanilla step (its zero-weight steps), at least one of each, whatever its
-    schedule says at those steps: nothing compiles once the training clock runs. Returns the count."""
-    paths: list[float | None] = [None] if trainer.head is None else [trainer.hp.jepa_weight, 0.0]
+    effect (weights, optimizer states, averages, data position, generators). The steps cycle
+    through every path a run takes, at least once each, whatever its schedule says at those steps:
+    a JEPA run's JEPA and zero-weight steps, each in every (late QAT, looping) phase the run
+    reaches. Nothing compiles once the training clock runs. Returns the count."""
+    weights: list[float | None] = [None] if trainer.head is None else [trainer.hp.jepa_weight, 0.0]
+    paths = [(weight, phase) for phase in trainer.schedule.reachable_phases() for weight in weights]
     count = max(trainer.hp.warmup_steps, len(paths))
     saved = copy.deepcopy(trainer.modules_state())
+    swa_sum, swa_count = trainer.swa_sum, trainer.swa_count
     for warmup_step in range(count):
-        trainer.step(warmup_step, lambda: 0.0, jepa_weight=paths[warmup_step % len(paths)])
+        weight, phase = paths[warmup_step % len(paths)]
+        trainer.step(warmup_step, lambda: 0.0, jepa_weight=weight, phase=phase)
     trainer.load_modules_state(saved)
+    trainer.swa_sum, trainer.swa_count = swa_sum, swa_count
+    trainer.set_phase((False, False))
     trainer.reset_stream_state()
     return count
+
+
+def describe_run(trainer: Trainer, log: RunLogger) -> None:
+    """The start-up lines: sizes, device, the JEPA settings and the record stack's switches."""
+    hp, runtime, grad_accum_steps = trainer.hp, trainer.runtime, trainer.grad_accum_steps
+    backbone_params = sum(p.numel() for p in trainer.model.parameters())
+    head_params = sum(p.numel() for p in trainer.head.parameters()) if trainer.head is not None else 0
+    target_kind = "ema" if trainer.target_encoder is not None else ("stop-grad online" if trainer.head else "none")
+    log(f"model_params:{backbone_params} jepa_params:{head_params} target_encoder:{target_kind}")
+    log(f"device:{device_name(runtime)} world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} "
+        f"autocast:{runtime.autocast_dtype} compile:{runtime.compile}")
+    log(f"jepa_mode:{hp.jepa_mode} jepa_weight:{hp.jepa_weight} d_latent:{hp.d_latent} offsets:{hp.jepa_offsets} "
+        f"target_ema_decay:{hp.target_ema_decay} anti_collapse:{hp.anti_collapse} on:{hp.regularised_side} "
+        f"layer:{hp.jepa_layer_index}" if hp.jepa_enabled else "jepa:off (JEPA_WEIGHT=0, vanilla baseline)")
+    log(f"stack: ortho_init:{int(hp.ortho_init)} scalar_wd:{hp.scalar_wd} bos_smear_fix:{int(hp.bos_smear_fix)} "
+        f"ve:{hp.ve_dim}@{','.join(map(str, hp.value_embedding_layers)) or 'off'} "
+        f"rope_train_seq_len:{hp.rope_train_seq_len} swa:{int(hp.swa_enabled)} qat_last:{hp.qat_start_fraction} "
+        f"parallel_from:{hp.parallel_residual_start} loops:{hp.loop_layers or 'off'}x{hp.loop_count}"
+        f"@{hp.loop_start_fraction} muon_ns:{hp.muon_ns} min_lr:{hp.min_lr} skip_gates:{int(hp.skip_gates)} "
+        f"attn_output_gate:{int(hp.attn_output_gate)} model_dtype:{runtime.model_dtype} "
+        f"tf32:{int(hp.tf32 and runtime.device.type == 'cuda')}")
+    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
+        f"max_wallclock_seconds:{hp.max_wallclock_seconds} final_ema:{hp.final_ema_enabled()} seed:{hp.seed}")
+
+
+def apply_final_weights(trainer: Trainer, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
+                        summary: dict[str, Any], log: RunLogger) -> tuple[float, float]:
+    """Load the averaged weights training ends with (SWA or EMA, if any) into the model and score
+    them; without an average, the last validation's score. Returns (val_loss, val_bpb)."""
+    hp, runtime = trainer.hp, trainer.runtime
+    averaged = trainer.final_weights()
+    if averaged is None:
+        return summary["val_history"][-1]["val_loss"], summary["val_history"][-1]["val_bpb"]
+    label, weights = averaged
+    with torch.no_grad():
+        for param, average in zip(trainer.model.parameters(), weights):
+            param.copy_(average.to(param.dtype))
+    val_loss, val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts,
+                                     runtime)
+    line_name = "final_swa" if label.startswith("swa") else "final_ema"
+    log(f"{line_name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} weights:{label.replace(' ', '_')} "
+        f"ema_decay:{hp.final_ema_decay}")
+    summary["final_weights"] = label
+    return val_loss, val_bpb
+
+
+def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_bytes: int,
+                        log: RunLogger) -> str | None:
+    """Rank 0 quantises, compresses and writes the artifact; every rank returns the same outcome:
+    None, or the one-line error that stops the run."""
+    artifact_path = Path(hp.artifact_path)
+    export_error: str | None = None
+    if runtime.master:
+        try:
+            artifact = export_artifact(model, hp, code_bytes, log)
+            write_atomically(artifact_path, artifact)
+            log(f"Serialized model int6+lzma: {len(artifact)} bytes")
+            log(f"Code size: {code_bytes} bytes")
+            log(f"Total submission size int6+lzma: {len(artifact) + code_bytes} bytes "
+                f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
+        except ConfigError as error:
+            export_error = str(error)
+        except OSError as error:  # caught, not raised here: the other ranks wait for this outcome
+            export_error = (f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
+                            f"point ARTIFACT_PATH at a writable location with free space")
+    if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
+        shared = [export_error]
+        dist.broadcast_object_list(shared, src=0)
+        export_error = shared[0]
+    return export_error
 
 
 def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
@@ -2119,17 +2527,7 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
 
     # ---- model ----
     trainer = Trainer(hp, runtime, grad_accum_steps, train_files, log)
-    backbone_params = sum(p.numel() for p in trainer.model.parameters())
-    head_params = sum(p.numel() for p in trainer.head.parameters()) if trainer.head is not None else 0
-    target_kind = "ema" if trainer.target_encoder is not None else ("stop-grad online" if trainer.head else "none")
-    log(f"model_params:{backbone_params} jepa_params:{head_params} target_encoder:{target_kind}")
-    log(f"device:{device_name(runtime)} world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} "
-        f"autocast:{runtime.autocast_dtype} compile:{runtime.compile}")
-    log(f"jepa_mode:{hp.jepa_mode} jepa_weight:{hp.jepa_weight} d_latent:{hp.d_latent} offsets:{hp.jepa_offsets} "
-        f"target_ema_decay:{hp.target_ema_decay} anti_collapse:{hp.anti_collapse} on:{hp.regularised_side} "
-        f"layer:{hp.jepa_layer_index}" if hp.jepa_enabled else "jepa:off (JEPA_WEIGHT=0, vanilla baseline)")
-    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
-        f"max_wallclock_seconds:{hp.max_wallclock_seconds} final_ema:{hp.final_ema_enabled()} seed:{hp.seed}")
+    describe_run(trainer, log)
     if hp.warmup_steps > 0:
         primed = prime_and_undo(trainer)
         log(f"warmup: {primed} compile-priming steps ({'JEPA and vanilla paths' if trainer.head else 'vanilla path'}) "
@@ -2273,14 +2671,7 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
 
     # ---- final weights, pre-quantisation score ----
     final_started = time.perf_counter()
-    final_val_loss, final_val_bpb = summary["val_history"][-1]["val_loss"], summary["val_history"][-1]["val_bpb"]
-    if trainer.final_ema is not None:
-        with torch.no_grad():
-            for param, average in zip(trainer.model.parameters(), trainer.final_ema):
-                param.copy_(average.to(param.dtype))
-        final_val_loss, final_val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len,
-                                                     hp.val_batch_size, luts, runtime)
-        log(f"final_ema val_loss:{final_val_loss:.4f} val_bpb:{final_val_bpb:.4f} decay:{hp.final_ema_decay}")
+    final_val_loss, final_val_bpb = apply_final_weights(trainer, val_tokens, luts, summary, log)
     summary.update(val_loss=final_val_loss, val_bpb=final_val_bpb)
     if not trainer.weights_finite():
         message = "the final weights are non-finite: nothing was exported (a NaN model is never written)"
@@ -2290,24 +2681,7 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     # ---- export and roundtrip ----
     artifact_path = Path(hp.artifact_path)
     export_started = time.perf_counter()
-    export_error: str | None = None
-    if runtime.master:
-        try:
-            artifact = export_artifact(trainer.model, hp, code_bytes, log)
-            write_atomically(artifact_path, artifact)
-            log(f"Serialized model int6+lzma: {len(artifact)} bytes")
-            log(f"Code size: {code_bytes} bytes")
-            log(f"Total submission size int6+lzma: {len(artifact) + code_bytes} bytes "
-                f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
-        except ConfigError as error:
-            export_error = str(error)
-        except OSError as error:  # caught, not raised here: the other ranks wait for this outcome
-            export_error = (f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
-                            f"point ARTIFACT_PATH at a writable location with free space")
-    if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
-        shared = [export_error]
-        dist.broadcast_object_list(shared, src=0)
-        export_error = shared[0]
+    export_error = export_on_rank_zero(trainer.model, hp, runtime, code_bytes, log)
     export_ms = 1000.0 * (time.perf_counter() - export_started)
     if export_error is not None:
         finish_summary("export_failed", error=export_error)

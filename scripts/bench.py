@@ -128,7 +128,7 @@ def with_data(environ: dict[str, str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="PRESET of the trainer (tiny, 11L, 20L)")
+    parser.add_argument("--preset", default="tiny", help="PRESET of the trainer (tiny, 11L, frontier, 20L)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per path and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the paths")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per path first (compilation)")

@@ -3,8 +3,8 @@
     python3 scripts/env_table.py            # print the table (markdown)
     python3 scripts/env_table.py --write    # replace the table between the README's markers
 
-The table lists every field of Hyperparameters: its variable, default, the tiny/20L preset
-values and the comment written beside it, grouped by the class's section comments. A test
+The table lists every field of Hyperparameters: its variable, default, the value of every
+other preset and the comment written beside it, grouped by the class's section comments. A test
 checks that the README holds exactly this output, so the documentation cannot drift.
 """
 
@@ -45,22 +45,28 @@ def field_comments(source: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+def preset_value(value: object) -> str:
+    return f"`{int(value) if isinstance(value, bool) else value}`"
+
+
 def render_table() -> str:
     source = Path(train_gpt_jepa.__file__).read_text(encoding="utf-8")
     defaults = train_gpt_jepa.Hyperparameters()
-    tiny, deep = train_gpt_jepa.PRESETS["tiny"], train_gpt_jepa.PRESETS["20L"]
-    out = ["| variable | default (11L) | tiny | 20L | meaning |", "|---|---|---|---|---|"]
+    # One column per preset that changes something (11L is the class defaults themselves).
+    presets = {name: values for name, values in train_gpt_jepa.PRESETS.items() if values}
+    out = ["| variable | default (11L) | " + " | ".join(presets) + " | meaning |",
+           "|---|---|" + "---|" * len(presets) + "---|"]
     current = None
     for section, name, comment in field_comments(source):
         if section != current:
-            out.append(f"| **{section}** | | | | |")
+            out.append(f"| **{section}** | |" + " |" * len(presets) + " |")
             current = section
         env = name.upper()
         default = getattr(defaults, name)
         default = int(default) if isinstance(default, bool) else default
-        cells = [f"`{env}`", f"`{default}`" if default != "" else "(empty)",
-                 f"`{tiny[env]}`" if env in tiny else "", f"`{deep[env]}`" if env in deep else "",
-                 comment.replace("|", "\\|")]
+        cells = [f"`{env}`", f"`{default}`" if default != "" else "(empty)"]
+        cells += [preset_value(values[env]) if env in values else "" for values in presets.values()]
+        cells.append(comment.replace("|", "\\|"))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

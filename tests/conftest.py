@@ -83,5 +83,7 @@ def cpu_runtime(compile: bool = False, autocast_dtype=None):
     import torch
     import train_gpt_jepa
 
+    # MODEL_DTYPE=auto: the embedding tables take the compute dtype, as setup_runtime resolves it.
     return train_gpt_jepa.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                                  autocast_dtype=autocast_dtype, compile=compile)
+                                  autocast_dtype=autocast_dtype, compile=compile,
+                                  model_dtype=autocast_dtype or torch.float32)

@@ -18,6 +18,7 @@ def test_compiled_bf16_span_run_with_ema_target_and_grad_localisation(tmp_path, 
                          TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor_cache",
                          JEPA_MODE="span", TARGET_EMA_DECAY=0.9, JEPA_GRAD_LAYERS=2, ANTI_COLLAPSE="sigreg",
                          NUM_LAYERS=2, XSA_LAST_N=1, ITERATIONS=3, WARMUP_STEPS=1, TRAIN_BATCH_TOKENS=1024,
+                         QAT_START_FRACTION=0,  # late QAT's compiled phases: tests/test_record_stack.py
                          VAL_MAX_TOKENS=1024, EVAL_STRIDE=0)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "compile:True" in result.stdout and "autocast:torch.bfloat16" in result.stdout

@@ -128,7 +128,7 @@ def test_priming_compiles_every_path_and_nothing_compiles_after_training_starts(
     # steps take the JEPA graph. WARMUP_STEPS=1 alone would see only one of them; priming forces both.
     hp = tiny_hyperparameters(tiny_dataset, COMPILE=1, COMPUTE_DTYPE="bfloat16", WARMUP_STEPS=1,
                               JEPA_WARMUP_STEPS=100, TARGET_EMA_DECAY=0.9, NUM_LAYERS=2, XSA_LAST_N=1,
-                              TRAIN_BATCH_TOKENS=1024)
+                              TRAIN_BATCH_TOKENS=1024, QAT_START_FRACTION=0)  # QAT phases: test_record_stack
     grad_accum_steps = T.validate_hyperparameters(hp, world_size=1)
     torch._dynamo.reset()
     trainer = T.Trainer(hp, cpu_runtime(compile=True, autocast_dtype=torch.bfloat16), grad_accum_steps,
