@@ -145,7 +145,7 @@ class Hyperparameters:
     final_ema_decay: float = 0.997  # decay of that EMA, updated after every step
     swa_enabled: bool = True  # export the mean of SWA snapshots (of the EMA when FINAL_EMA is on) from late in the warmdown
     swa_every: int = 50  # a snapshot every this-many steps ...
-    swa_start_lr: float = 0.2  # ... once the LR multiplier is below this (the records: 0.2)
+    swa_start_lr: float = 0.2  # ... once the warmdown's LR multiplier (before MIN_LR) is below this (the records: 0.2)
     qat_start_fraction: float = 0.15  # late QAT: int6 fake quantisation over the last this fraction of training; 0 = off
 
     # ---- JEPA ----
@@ -160,7 +160,7 @@ class Hyperparameters:
     jepa_warmup_steps: int = 100  # JEPA weight ramps from 0 over these steps
     jepa_anneal: bool = True  # JEPA weight falls to 0 with the LR warmdown
     jepa_layer: int = -1  # block whose output feeds the projections; negative counts from the end
-    jepa_grad_layers: int = 0  # JEPA gradients reach only the last K blocks up to JEPA_LAYER; 0 = all
+    jepa_grad_layers: int = 0  # JEPA gradients reach only the last K block passes up to JEPA_LAYER (blocks, without loops); 0 = all
     jepa_only_fraction: float = 0.0  # curriculum: this first fraction of training has CE weight 0
     jepa_target_fraction: float = 1.0  # fraction of each micro-batch's sequences given JEPA targets
     jepa_chunk: int = 8  # chunk mode: target = mean latent of the next JEPA_CHUNK positions
@@ -450,10 +450,17 @@ def validate_record_stack(hp: Hyperparameters) -> None:
         raise ConfigError(loop_message) from None
     _require(loop_range is None or 0 <= loop_range[0] <= loop_range[1] < hp.num_layers, loop_message)
     _require(hp.loop_count >= 0, f"LOOP_COUNT={hp.loop_count} must be >= 0")
+    _require(loop_range is None or hp.loop_count > 0,
+             f"LOOP_LAYERS={hp.loop_layers!r} with LOOP_COUNT=0 loops nothing: set LOOP_COUNT >= 1 or unset LOOP_LAYERS")
     _require(0 <= hp.loop_start_fraction < 1, f"LOOP_START_FRACTION={hp.loop_start_fraction} must be in [0, 1)")
+    # The artifact is evaluated looping (training ends looping): a run must get there.
+    last_progress = (hp.iterations - 1) / hp.iterations
+    _require(loop_range is None or last_progress >= hp.loop_start_fraction - 1e-9,
+             f"LOOP_START_FRACTION={hp.loop_start_fraction} is never reached in ITERATIONS={hp.iterations} steps "
+             f"(the last step is at {last_progress:.3f} of training): lower it or raise ITERATIONS")
     _require(hp.muon_ns in NEWTON_SCHULZ_KINDS, f"MUON_NS={hp.muon_ns!r} must be quintic or polar")
-    _require(hp.scalar_wd >= 0 and hp.adam_wd >= 0 and hp.muon_wd >= 0,
-             "MUON_WD, ADAM_WD and SCALAR_WD must be >= 0")
+    for name in ("muon_wd", "adam_wd", "scalar_wd"):
+        _require(getattr(hp, name) >= 0, f"{name.upper()}={getattr(hp, name)} must be >= 0")
     _require(0 <= hp.min_lr < 1, f"MIN_LR={hp.min_lr} must be in [0, 1)")
     _require(hp.swa_every > 0, f"SWA_EVERY={hp.swa_every} must be positive")
     _require(0 < hp.swa_start_lr <= 1, f"SWA_START_LR={hp.swa_start_lr} must be in (0, 1]")
@@ -1346,7 +1353,10 @@ def spans_to_mask(starts: Tensor, lengths: Tensor, length: int) -> Tensor:  # ->
 
 @torch.no_grad()
 def ema_update(ema_tensors: list[Tensor], online_tensors: list[Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * online, as one foreach kernel over all tensors."""
+    """ema <- decay * ema + (1 - decay) * online, as one foreach kernel over all tensors, in each
+    average's own dtype (an fp32 average of bf16 embedding tables reads them as fp32)."""
+    online_tensors = [online if online.dtype == ema.dtype else online.to(ema.dtype)
+                      for ema, online in zip(ema_tensors, online_tensors)]
     torch._foreach_lerp_(ema_tensors, online_tensors, 1.0 - decay)
 
 
@@ -1547,7 +1557,9 @@ def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Calla
         overshoot = len(artifact) - budget_for_weights
         expected_saving = 0
         for _, name, lower, saved, error_growth in sorted(moves):
-            log(f"export: {name} {storage[name]} -> {lower} (relative error +{error_growth:.2e}, saves ~{saved:,} bytes)")
+            trained_at = " (late QAT trained it at int6)" if hp.qat_start_fraction > 0 else ""
+            log(f"export: {name} {storage[name]} -> {lower} (relative error +{error_growth:.2e}, saves "
+                f"~{saved:,} bytes){trained_at}")
             storage[name] = lower
             expected_saving += saved
             if expected_saving >= overshoot * 1.02:  # estimates are per tensor: aim a little past the cap
@@ -1658,8 +1670,13 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         # One graph per (module, call signature and phase): online, target, eval and roundtrip
         # models, with late QAT and depth recurrence each on and off.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    model_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(hp.model_dtype, autocast_dtype or torch.float32)
-    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile, model_dtype)
+    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile,
+                   resolve_model_dtype(hp, autocast_dtype))
+
+
+def resolve_model_dtype(hp: Hyperparameters, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """MODEL_DTYPE: auto follows the compute dtype (bf16 tables on CUDA, fp32 on the CPU)."""
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(hp.model_dtype, autocast_dtype or torch.float32)
 
 
 class RunLogger:
@@ -1849,6 +1866,9 @@ class Trainer:
         self.target_encoder: GPT | None = None
         if self.head is not None and hp.target_ema_decay > 0:
             self.target_encoder = copy.deepcopy(self.model).requires_grad_(False)
+            # Its tables stay fp32 whatever MODEL_DTYPE says: an EMA step of 1 - 0.9995 is far
+            # below bf16's resolution, and a bf16 target would barely follow the online tables.
+            apply_model_dtype(self.target_encoder, torch.float32)
         # The same compilation for every path: the vanilla run compiles exactly what a JEPA run
         # compiles for its backbone (the unfair A/B of public attempts compiled one side only).
         self.compiled_model = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
@@ -2055,7 +2075,7 @@ class Trainer:
             optimizer.step()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.update_averages(step, outcome["lr_multiplier"])
+        self.update_averages(step, self.schedule.warmdown(step, self.agreed_elapsed_ms))
         self.metric_sums += sums
         self.metric_counts[0] += self.grad_accum_steps
         self.metric_counts[1] += jepa_micro_steps
@@ -2093,16 +2113,17 @@ class Trainer:
         return bool(flags.all().item())
 
     @torch.no_grad()
-    def update_averages(self, step: int, lr_multiplier: float) -> None:
+    def update_averages(self, step: int, warmdown: float) -> None:
         """The EMA target encoder and the final-weights EMA follow the online weights after every
-        optimizer step; SWA takes a snapshot every SWA_EVERY steps once the LR multiplier is below
-        SWA_START_LR. Every rank holds identical online weights, so every rank's averages agree."""
+        optimizer step; SWA takes a snapshot every SWA_EVERY steps once the warmdown (before any
+        LR warmup and MIN_LR floor) is below SWA_START_LR. Every rank holds identical online
+        weights, so every rank's averages agree."""
         online = list(self.model.parameters())
         if self.target_encoder is not None:
             ema_update(list(self.target_encoder.parameters()), online, self.hp.target_ema_decay)
         if self.final_ema is not None:
             ema_update(self.final_ema, [p.detach().float() for p in online], self.hp.final_ema_decay)
-        if self.hp.swa_enabled and (step + 1) % self.hp.swa_every == 0 and lr_multiplier < self.hp.swa_start_lr:
+        if self.hp.swa_enabled and (step + 1) % self.hp.swa_every == 0 and warmdown < self.hp.swa_start_lr:
             # Snapshots of the EMA when there is one: SWA then averages the smoothed trajectory.
             snapshot = self.final_ema if self.final_ema is not None else [p.detach().float() for p in online]
             if self.swa_sum is None:
@@ -2363,6 +2384,8 @@ def run_eval_only(hp: Hyperparameters, runtime: Runtime) -> None:
         if name.upper() not in os.environ and name in {f.name for f in dataclasses.fields(Hyperparameters)}:
             overrides[name] = value
     hp = dataclasses.replace(hp, **overrides, eval_only=True)
+    # The tables' dtype of the run that wrote the artifact (MODEL_DTYPE is one of its settings).
+    runtime = dataclasses.replace(runtime, model_dtype=resolve_model_dtype(hp, runtime.autocast_dtype))
     log = RunLogger(Path(hp.log_dir) / f"{hp.run_id or 'eval'}_eval.txt") if runtime.master else RunLogger(None)
     sp = load_tokenizer(hp)
     luts = build_sentencepiece_luts(sp, hp.vocab_size, runtime.device)

@@ -20,8 +20,10 @@ import train_gpt_jepa as T
 from conftest import TRAINER_PATH, trainer_env
 from test_trainer import run_trainer
 
+# SWA snapshots (of the EMA) after steps 4 and 6 go into the checkpoint, four more follow; late QAT starts after the resume.
 RESUME_SETTINGS = dict(ITERATIONS=14, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=5, FINAL_EMA=1, TARGET_EMA_DECAY=0.9,
-                       JEPA_MODE="span", WARMDOWN_ITERS=6, LR_WARMUP_STEPS=2, JEPA_WARMUP_STEPS=3)
+                       JEPA_MODE="span", WARMDOWN_ITERS=12, LR_WARMUP_STEPS=2, JEPA_WARMUP_STEPS=3,
+                       SWA_EVERY=2, SWA_START_LR=0.95)
 
 
 def comparable(summary: dict) -> dict:
@@ -61,6 +63,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_dataset)
     one = json.loads((tmp_path / "straight" / "logs" / "straight.json").read_text())
     two = json.loads((folder / "logs" / "resumed.json").read_text())
     assert comparable(two) == comparable(one)  # bit for bit: exact float equality
+    assert one["final_weights"] == two["final_weights"] == "swa of 6 ema snapshots"
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, tiny_dataset):
