@@ -14,7 +14,7 @@ import torch
 
 import train_gpt_jepa as T
 from conftest import TRAINER_PATH, cpu_runtime, tiny_hyperparameters, trainer_env
-from test_trainer import make_trainer, run_trainer
+from test_trainer import assert_causal, make_trainer, run_trainer
 
 # Every frontier switch on at once, on a model small enough for the CPU: 6 blocks so that loops
 # (2-3), parallel residuals (from 4), VE (4, 5) and the U-Net pairs all have room.
@@ -46,13 +46,7 @@ def test_causality_with_every_switch_on(tiny_dataset):
     assert all(block.attention.use_xsa for block in model.blocks)
     assert [block.parallel for block in model.blocks] == [False] * 4 + [True] * 2
     assert model.value_embedding is not None and model.skip_gates is not None
-    tokens = torch.randint(0, hp.vocab_size, (2, 64))
-    cut = 40
-    changed = tokens.clone()
-    changed[:, cut + 1:] = torch.randint(0, hp.vocab_size, (2, 64 - cut - 1))
-    before, after = model.logits(tokens), model.logits(changed)
-    assert torch.allclose(before[:, :cut + 1], after[:, :cut + 1], atol=1e-6, rtol=0)
-    assert not torch.allclose(before[:, cut + 1:], after[:, cut + 1:], atol=1e-3)
+    assert_causal(model, hp.vocab_size)
 
 
 @pytest.mark.parametrize("fix", [1, 0])

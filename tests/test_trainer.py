@@ -54,10 +54,15 @@ def test_causality_with_bigram_smear_and_xsa(tiny_dataset):
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     assert all(block.attention.use_xsa for block in model.blocks)
-    tokens = torch.randint(0, hp.vocab_size, (2, 64))
-    cut = 40
+    assert_causal(model, hp.vocab_size)
+
+
+def assert_causal(model: T.GPT, vocab_size: int, length: int = 64, cut: int = 40) -> None:
+    """Changing the tokens after position `cut` leaves every logit up to it unchanged (and does
+    change the later ones, so the check cannot pass on a model that ignores its input)."""
+    tokens = torch.randint(0, vocab_size, (2, length))
     changed = tokens.clone()
-    changed[:, cut + 1:] = torch.randint(0, hp.vocab_size, (2, 64 - cut - 1))
+    changed[:, cut + 1:] = torch.randint(0, vocab_size, (2, length - cut - 1))
     before, after = model.logits(tokens), model.logits(changed)
     assert torch.allclose(before[:, :cut + 1], after[:, :cut + 1], atol=1e-6, rtol=0)
     assert not torch.allclose(before[:, cut + 1:], after[:, cut + 1:], atol=1e-3)
