@@ -4,8 +4,9 @@ train_gpt_jepa.py: the whole JEPA workbench for OpenAI's Parameter Golf, in one 
 Everything a run needs lives here, read top to bottom: hyperparameters from environment
 variables, the Muon and AdamW optimizers, the challenge's shard loader and bits-per-byte metric,
 the GPT backbone (GQA, partial RoPE, U-Net skips, BigramHash, SmearGate, XSA), the JEPA parts
-(projections, predictors, EMA target encoder, VICReg / SIGReg), evaluation, the int6+LZMA
-exporter and the training loop. The file's own bytes count toward the 16,000,000-byte artifact.
+(projections, predictors, EMA target encoder, VICReg / SIGReg), evaluation, the GPTQ / int6
+exporter with its compressors, score-first test-time training and the training loop. The
+file's own bytes count toward the 16,000,000-byte artifact.
 
     torchrun --standalone --nproc_per_node=8 train_gpt_jepa.py    # 8 GPUs
     python3 train_gpt_jepa.py                                     # one GPU, or the CPU
@@ -24,6 +25,8 @@ import difflib
 import gc
 import glob
 import hashlib
+import importlib
+import io
 import json
 import lzma
 import math
@@ -37,7 +40,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -146,7 +149,7 @@ class Hyperparameters:
     swa_enabled: bool = True  # export the mean of SWA snapshots (of the EMA when FINAL_EMA is on) from late in the warmdown
     swa_every: int = 50  # a snapshot every this-many steps ...
     swa_start_lr: float = 0.2  # ... once the warmdown's LR multiplier (before MIN_LR) is below this (the records: 0.2)
-    qat_start_fraction: float = 0.15  # late QAT: int6 fake quantisation over the last this fraction of training; 0 = off
+    qat_start_fraction: float = 0.15  # late QAT: MATRIX_BITS fake quantisation (clip search) over the last this fraction of training; 0 = off
 
     # ---- JEPA ----
     jepa_weight: float = 0.1  # weight of the JEPA loss; 0 = vanilla (no JEPA part built or run)
@@ -179,6 +182,27 @@ class Hyperparameters:
     artifact_path: str = "final_model.int6.ptz"  # written atomically by training, read by EVAL_ONLY
     artifact_budget_bytes: int = 16_000_000  # artifact file + this file's bytes must fit
     lzma_preset: int = 9  # LZMA level of the artifact (9, 6 and the extreme flag measured within 0.01%)
+    compressor: str = "lzma"  # the artifact's compressor: lzma | brotli | zstd (the last two need their packages)
+    quant: str = "clip"  # matrices: clip (per-row clip search, what late QAT trains for) | gptq (Hessian-aware, #1019)
+    matrix_bits: int = 6  # bits of every matrix (and of late QAT); the budget fallback lowers them towards 4
+    embed_bits: int = 8  # bits of the embedding tables (per-row clip search; #1586: 7)
+    gptq_calibration_batches: int = 64  # training micro-batches whose activations give each matrix's Hessian
+    gptq_reserve_seconds: float = 10.0  # training stops this much before MAX_WALLCLOCK_SECONDS: calibration reads training data, so it counts
+    gptq_damp: float = 0.01  # GPTQ damping: this fraction of the mean Hessian diagonal is added to it
+    gptq_block_size: int = 128  # GPTQ columns per lazy-update block
+    float_weights_path: str = ""  # also write the unquantised final weights, JEPA head and Hessians here (scripts/export_study.py)
+
+    # ---- test-time training (legal, score-first) ----
+    ttt: bool = False  # after the roundtrip: score each validation chunk, then train on it (#549)
+    ttt_chunk_tokens: int = 32768  # scored tokens per chunk (whole evaluation windows)
+    ttt_lr: float = 0.005  # SGD learning rate, cosine-decayed over the chunks
+    ttt_epochs: int = 3  # passes over each chunk after it is scored
+    ttt_momentum: float = 0.9  # SGD momentum (Adam: its beta1)
+    ttt_optimizer: str = "sgd"  # sgd (#549) | adam (beta2 0.99, as the records' LoRA TTT)
+    ttt_params: str = "all"  # all (every weight) | lora (rank-TTT_LORA_RANK adapters on every block matrix)
+    ttt_lora_rank: int = 8  # rank of those adapters
+    ttt_objective: str = "ce"  # ce | ce+jepa (adds the run's JEPA loss through the exported JEPA head)
+    ttt_grad_clip: float = 1.0  # gradient norm clip of each TTT step; 0 = none
 
     # ---- reliability ----
     checkpoint_every: int = 0  # save a resumable checkpoint every this-many steps; 0 = only on signals
@@ -223,6 +247,14 @@ class Hyperparameters:
         first, _, last = self.loop_layers.partition("-")
         return int(first), int(last or first)
 
+    @property
+    def training_seconds(self) -> float:
+        """The training loop's wall-clock cap: MAX_WALLCLOCK_SECONDS less the GPTQ calibration's
+        reserve (calibration reads training data, so its time is training time); 0 = none."""
+        if self.max_wallclock_seconds <= 0:
+            return 0.0
+        return self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.quant == "gptq" else 0.0)
+
     def final_ema_enabled(self) -> bool:
         return self.final_ema == 1 or (self.final_ema == -1 and self.iterations >= 1000)
 
@@ -247,7 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "BIGRAM_VOCAB_SIZE": 512, "BIGRAM_DIM": 32, "XSA_LAST_N": 2, "D_LATENT": 64,
         "MUON_MOMENTUM_WARMUP_STEPS": 100, "JEPA_WARMUP_STEPS": 20, "TIED_EMBED_LR": 0.05,
         "MATRIX_LR": 0.04, "SCALAR_LR": 0.04, "TARGET_EMA_DECAY": 0.99, "VE_DIM": 32,
-        "SWA_EVERY": 5,
+        "SWA_EVERY": 5, "GPTQ_CALIBRATION_BATCHES": 16, "GPTQ_RESERVE_SECONDS": 2, "TTT_CHUNK_TOKENS": 8192,
     },
     # The #549-class record stack (1.1194 bpb, minus its test-time training): the class defaults.
     "11L": {},
@@ -262,6 +294,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "TIED_EMBED_LR": 0.03, "MUON_MOMENTUM": 0.97, "MUON_WD": 0.095, "ADAM_WD": 0.085, "SCALAR_WD": 0.02,
         # #1855 warmed down over the last 85% of its ~6,200 steps (looping began at step 2178 = 35%).
         "BETA2": 0.99, "FINAL_EMA_DECAY": 0.9965, "WARMDOWN_ITERS": 5300,
+        # It needs fewer than 6 bits per matrix to fit: below int6, GPTQ measured far better.
+        "QUANT": "gptq",
     },
     # Twice the depth at three quarters of the width: about the 11L parameter count, so it also fits.
     "20L": {"NUM_LAYERS": 20, "MODEL_DIM": 384, "NUM_HEADS": 6, "NUM_KV_HEADS": 3, "XSA_LAST_N": 6},
@@ -277,7 +311,7 @@ FOREIGN_ENV_NAMES = {
 }
 # Prefixes only this trainer uses: an unknown variable with one of them is certainly a typo.
 OWN_ENV_PREFIXES = ("JEPA_", "VICREG_", "SIGREG_", "BIGRAM_", "MUON_", "XSA_", "ROPE_", "QK_", "TIED_EMBED", "VE_",
-                    "LOOP_", "SWA_", "QAT_", "BOS_")
+                    "LOOP_", "SWA_", "QAT_", "BOS_", "GPTQ_", "TTT_")
 
 
 def _parse_env_value(name: str, raw: str, kind: str) -> Any:
@@ -423,6 +457,7 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.jepa_pred_mult > 0, f"JEPA_PRED_MULT={hp.jepa_pred_mult} must be positive")
     _require(hp.sigreg_slices > 0, f"SIGREG_SLICES={hp.sigreg_slices} must be positive")
     validate_record_stack(hp)
+    validate_export_and_ttt(hp)
     return grad_accum_steps
 
 
@@ -465,6 +500,34 @@ def validate_record_stack(hp: Hyperparameters) -> None:
     _require(hp.swa_every > 0, f"SWA_EVERY={hp.swa_every} must be positive")
     _require(0 < hp.swa_start_lr <= 1, f"SWA_START_LR={hp.swa_start_lr} must be in (0, 1]")
     _require(0 <= hp.qat_start_fraction < 1, f"QAT_START_FRACTION={hp.qat_start_fraction} must be in [0, 1) (0 = off)")
+
+
+def validate_export_and_ttt(hp: Hyperparameters) -> None:
+    """Quantisation, compressor and test-time training: refused at start-up, never after training."""
+    _require(hp.quant in ("gptq", "clip"), f"QUANT={hp.quant!r} must be gptq or clip")
+    _require(4 <= hp.matrix_bits <= 8, f"MATRIX_BITS={hp.matrix_bits} must be between 4 and 8")
+    _require(4 <= hp.embed_bits <= 8, f"EMBED_BITS={hp.embed_bits} must be between 4 and 8")
+    _require(hp.gptq_calibration_batches > 0, f"GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} must be positive")
+    _require(0 <= hp.gptq_reserve_seconds and (hp.max_wallclock_seconds == 0 or hp.quant != "gptq"
+                                               or hp.gptq_reserve_seconds < hp.max_wallclock_seconds),
+             f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds} must be >= 0 and below "
+             f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
+    _require(0 < hp.gptq_damp < 1, f"GPTQ_DAMP={hp.gptq_damp} must be in (0, 1)")
+    _require(hp.gptq_block_size > 0, f"GPTQ_BLOCK_SIZE={hp.gptq_block_size} must be positive")
+    _require(hp.compressor in COMPRESSORS, f"COMPRESSOR={hp.compressor!r} must be one of {', '.join(COMPRESSORS)}")
+    compressor_module(hp.compressor)  # a missing package stops the run now, not after training
+    _require(hp.ttt_chunk_tokens > 0, f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be positive")
+    _require(hp.ttt_lr >= 0 and hp.ttt_epochs >= 0, "TTT_LR and TTT_EPOCHS must be >= 0")
+    _require(0 <= hp.ttt_momentum < 1, f"TTT_MOMENTUM={hp.ttt_momentum} must be in [0, 1)")
+    _require(hp.ttt_params in ("all", "lora"), f"TTT_PARAMS={hp.ttt_params!r} must be all or lora")
+    _require(hp.ttt_optimizer in ("sgd", "adam"), f"TTT_OPTIMIZER={hp.ttt_optimizer!r} must be sgd or adam")
+    _require(hp.ttt_lora_rank > 0, f"TTT_LORA_RANK={hp.ttt_lora_rank} must be positive")
+    _require(hp.ttt_grad_clip >= 0, f"TTT_GRAD_CLIP={hp.ttt_grad_clip} must be >= 0 (0 = none)")
+    _require(hp.ttt_objective in ("ce", "ce+jepa"), f"TTT_OBJECTIVE={hp.ttt_objective!r} must be ce or ce+jepa")
+    if hp.ttt_objective == "ce+jepa" and not hp.eval_only:
+        _require(hp.jepa_enabled, "TTT_OBJECTIVE=ce+jepa needs a JEPA run (JEPA_WEIGHT > 0): its head is the objective")
+        _require(hp.jepa_mode in ("next", "chunk"),
+                 f"TTT_OBJECTIVE=ce+jepa supports JEPA_MODE next and chunk, not {hp.jepa_mode}: use TTT_OBJECTIVE=ce")
 
 
 # =============================================================================
@@ -1098,7 +1161,7 @@ class GPT(nn.Module):
 
 
 def set_late_qat(model: nn.Module, bits: int) -> None:
-    """Late QAT on (bits = 6) or off (0) for every matrix the exporter quantises."""
+    """Late QAT on (bits = MATRIX_BITS) or off (0) for every matrix the exporter quantises."""
     for module in model.modules():
         if isinstance(module, CastedLinear):
             module.qat_bits = bits
@@ -1126,7 +1189,9 @@ def apply_model_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 # The predictor maps context latents to the target latents the mode asks for; the target side
 # is computed from the EMA target encoder (or the online encoder under stop-gradient) and passed
 # through a trained target projection, which the regulariser keeps from collapsing.
-# None of these modules is ever exported: evaluation is plain next-token prediction.
+# Evaluation is plain next-token prediction: none of these modules is exported, except the head
+# (projections and predictors, never the target encoder) for TTT_OBJECTIVE=ce+jepa, which
+# only test-time training reads.
 
 
 class LatentPredictor(nn.Module):
@@ -1365,6 +1430,73 @@ def ema_update(ema_tensors: list[Tensor], online_tensors: list[Tensor], decay: f
 # =============================================================================
 
 
+def evaluation_windows(usable: int, seq_len: int, stride: int = 0) -> list[tuple[int, int, int]]:
+    """The windows an evaluation scores, as (start, skip, end): window tokens [start, end] (inputs
+    start..end-1, targets start+1..end), of which targets from start + skip + 1 on are scored.
+
+    stride = 0 (or = seq_len): disjoint windows of seq_len, every token scored once. A smaller
+    stride: windows of seq_len ending every `stride` tokens, each scoring only its last `stride`
+    tokens, so every token but the first window's is predicted with seq_len - stride tokens of
+    context. Both modes score exactly the same tokens, so their numbers are comparable."""
+    stride = seq_len if stride <= 0 else stride
+    window_ends = list(range(seq_len, usable + 1, stride))
+    if window_ends[-1] != usable:
+        window_ends.append(usable)
+    # Window i scores target positions [previous end, end): the first window scores all of its own.
+    return [(end - seq_len, prev_end - (end - seq_len), end) for prev_end, end in zip([0] + window_ends[:-1], window_ends)]
+
+
+class ScoreSums(NamedTuple):
+    loss: Tensor  # summed token losses, nats (float64, on the device)
+    tokens: Tensor
+    bytes: Tensor
+
+
+def score_windows(model: nn.Module, device_tokens: Tensor, windows: list[tuple[int, int, int]], seq_len: int,
+                  batch_windows: int, luts: tuple[Tensor, Tensor, Tensor], runtime: "Runtime",
+                  token_losses_out: list[Tensor] | None = None) -> ScoreSums:
+    """Loss, token and byte sums of this rank's windows, under inference mode (nothing scored
+    here can train anything). The windows are padded to whole batches with windows that score
+    nothing: one batch shape, so a compiled model compiles once; and the scoring masks are built
+    on the device, so the loop never waits for the GPU (no boolean indexing, no host-to-device
+    copies per batch). token_losses_out (tests): receives each batch's scored token losses, in
+    window order."""
+    bytes_per_token, has_leading_space, is_boundary = luts
+    windows = windows + [(0, seq_len, seq_len)] * (-len(windows) % batch_windows)
+    window_starts = torch.tensor([start for start, _, _ in windows], dtype=torch.int64).to(runtime.device)
+    window_skips = torch.tensor([skip for _, skip, _ in windows], dtype=torch.int64).to(runtime.device)
+    offsets = torch.arange(seq_len + 1, device=runtime.device)
+    sums = ScoreSums(*(torch.zeros((), device=runtime.device, dtype=torch.float64) for _ in range(3)))
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for first in range(0, len(windows), batch_windows):
+            # Every window spans seq_len + 1 tokens from its start (the last one ends at `usable`).
+            rows = device_tokens[window_starts[first:first + batch_windows, None] + offsets]
+            inputs, targets = rows[:, :-1], rows[:, 1:]
+            scored = offsets[None, :-1] >= window_skips[first:first + batch_windows, None]
+            with runtime.autocast():
+                token_losses, _ = model(inputs, targets, reduction="none")
+            sums.loss.add_(torch.where(scored, token_losses.double(), 0.0).sum())
+            if token_losses_out is not None:
+                token_losses_out.append(token_losses[scored].float().cpu())
+            sums.tokens.add_(scored.sum())
+            token_bytes = bytes_per_token[targets].to(torch.int32)
+            token_bytes += (has_leading_space[targets] & ~is_boundary[inputs]).to(torch.int32)
+            sums.bytes.add_(torch.where(scored, token_bytes, 0).sum())
+    model.train(was_training)
+    return sums
+
+
+def bpb_from_sums(sums: ScoreSums, runtime: "Runtime") -> tuple[float, float]:
+    """All ranks' sums together: (val_loss in nats per token, val_bpb)."""
+    if runtime.distributed:
+        for total in sums:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    val_loss = (sums.loss / sums.tokens).item()
+    return val_loss, val_loss / math.log(2.0) * sums.tokens.item() / sums.bytes.item()
+
+
 def evaluate_bpb(
     model: nn.Module,
     val_tokens: Tensor,
@@ -1374,73 +1506,72 @@ def evaluate_bpb(
     runtime: "Runtime",
     stride: int = 0,
 ) -> tuple[float, float]:
-    """Cross-entropy (nats/token) and bits per byte over the validation tokens.
-
-    stride = 0 (or = seq_len): disjoint windows of seq_len, every token scored once. A smaller
-    stride: windows of seq_len ending every `stride` tokens, each scoring only its last `stride`
-    tokens, so every token but the first window's is predicted with seq_len - stride tokens of
-    context. Both modes score exactly the same tokens, so their numbers are comparable."""
-    bytes_per_token, has_leading_space, is_boundary = luts
-    usable = val_tokens.numel() - 1
-    stride = seq_len if stride <= 0 else stride
-    window_ends = list(range(seq_len, usable + 1, stride))
-    if window_ends[-1] != usable:
-        window_ends.append(usable)
-    # Window i scores target positions [previous end, end): the first window scores all of its own.
-    windows = [(end - seq_len, prev_end - (end - seq_len), end)
-               for prev_end, end in zip([0] + window_ends[:-1], window_ends)]
-    my_windows = windows[runtime.rank::runtime.world_size]
+    """Cross-entropy (nats/token) and bits per byte over the validation tokens, windows as
+    evaluation_windows lays them out, shared round-robin between the ranks."""
+    windows = evaluation_windows(val_tokens.numel() - 1, seq_len, stride)
     batch_windows = max(1, batch_tokens // (seq_len * runtime.world_size))
-    # Pad to whole batches with windows that score nothing: one batch shape, so a compiled model
-    # compiles once; and the scoring masks are built on the device, so the loop never waits for
-    # the GPU (no boolean indexing, no host-to-device copies per batch).
-    padding = -len(my_windows) % batch_windows
-    my_windows = my_windows + [(0, seq_len, seq_len)] * padding
     device_tokens = val_tokens.to(runtime.device, torch.int64)
-    window_starts = torch.tensor([start for start, _, _ in my_windows], dtype=torch.int64).to(runtime.device)
-    window_skips = torch.tensor([skip for _, skip, _ in my_windows], dtype=torch.int64).to(runtime.device)
-    offsets = torch.arange(seq_len + 1, device=runtime.device)
-    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    token_count = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    byte_count = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for first in range(0, len(my_windows), batch_windows):
-            # Every window spans seq_len + 1 tokens from its start (the last one ends at `usable`).
-            rows = device_tokens[window_starts[first:first + batch_windows, None] + offsets]
-            inputs, targets = rows[:, :-1], rows[:, 1:]
-            scored = offsets[None, :-1] >= window_skips[first:first + batch_windows, None]
-            with runtime.autocast():
-                token_losses, _ = model(inputs, targets, reduction="none")
-            loss_sum += torch.where(scored, token_losses.double(), 0.0).sum()
-            token_count += scored.sum()
-            token_bytes = bytes_per_token[targets].to(torch.int32)
-            token_bytes += (has_leading_space[targets] & ~is_boundary[inputs]).to(torch.int32)
-            byte_count += torch.where(scored, token_bytes, 0).sum()
-    if runtime.distributed:
-        for total in (loss_sum, token_count, byte_count):
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    model.train(was_training)
-    val_loss = (loss_sum / token_count).item()
-    bits_per_token = val_loss / math.log(2.0)
-    return val_loss, bits_per_token * token_count.item() / byte_count.item()
+    sums = score_windows(model, device_tokens, windows[runtime.rank::runtime.world_size], seq_len, batch_windows,
+                         luts, runtime)
+    return bpb_from_sums(sums, runtime)
 
 
 # =============================================================================
-# EXPORT: int6 quantisation, LZMA, size accounting, artifact format
+# EXPORT: GPTQ or clip-search quantisation, compression, size accounting, artifact format
 # =============================================================================
 # Matrices (the weights of linear layers) are stored as per-row symmetric integers in
-# [-(2^(b-1)-1), 2^(b-1)-1] with one fp16 scale per row, b = 6 by default; embeddings as int8;
-# every other tensor (gains, scales, mixes, gates) as fp16. Classes follow the module type, never
-# the parameter's name. The int codes are stored one per byte: LZMA squeezes the unused high bits
-# better than a bit-packed layout would let it find repeats.
+# [-(2^(b-1)-1), 2^(b-1)-1] with one fp16 scale per row, b = MATRIX_BITS (6); embedding tables the
+# same at EMBED_BITS (8); every other tensor (gains, scales, mixes, gates) as fp16. Classes follow
+# the module type, never the parameter's name. The int codes are stored one per byte: the
+# compressor squeezes the unused high bits better than a bit-packed layout would let it find
+# repeats. QUANT=gptq chooses a matrix's codes with GPTQ on Hessians of training activations;
+# QUANT=clip (and every table) rounds each row at its best clip.
 
-ARTIFACT_MAGIC = b"TGJEPA\x00\x01"
-ARTIFACT_HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of the LZMA body, body length
+# Bytes 0-5 name the format, byte 6 the body's compressor (LZMA = 0, so an LZMA artifact has the
+# magic every earlier version wrote), byte 7 the layout version.
+ARTIFACT_MAGIC_PREFIX = b"TGJEPA"
+COMPRESSORS = {"lzma": 0, "brotli": 1, "zstd": 2}
+COMPRESSOR_PACKAGES = {"brotli": "brotli", "zstd": "zstandard"}
+ARTIFACT_HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of the compressed body, body length
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74, 0.7, 0.65, 0.6)  # per-row clip search, x row max |w|
-# Top-level names of every training-only part; no artifact key may start with one of them.
+# Top-level names of every training-only part; no backbone key may start with one of them.
 JEPA_MODULE_NAMES = ("context_projection", "target_projection", "predictors", "mask_embedding", "target_encoder")
+# The optional JEPA head of an artifact (TTT_OBJECTIVE=ce+jepa) is stored under this prefix;
+# evaluation never reads it, test-time training does.
+HEAD_PREFIX = "jepa_head."
+
+
+def artifact_magic(compressor: str) -> bytes:
+    return ARTIFACT_MAGIC_PREFIX + bytes([COMPRESSORS[compressor], 1])
+
+
+def compressor_module(name: str) -> Any:
+    """The module behind a compressor; a missing package is one line that says how to get it."""
+    if name == "lzma":
+        return lzma
+    package = COMPRESSOR_PACKAGES[name]
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"COMPRESSOR={name} needs the {package} package: pip install {package} "
+                          f"(or use COMPRESSOR=lzma)") from None
+
+
+def compress_bytes(data: bytes, compressor: str, lzma_preset: int = 9) -> bytes:
+    """Each compressor at its strongest setting (brotli 11 with a 16 MiB window, zstd 22)."""
+    if compressor == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=lzma_preset)
+    if compressor == "brotli":
+        return compressor_module("brotli").compress(data, quality=11, lgwin=24)
+    return compressor_module("zstd").ZstdCompressor(level=22).compress(data)
+
+
+def decompress_bytes(data: bytes, compressor: str) -> bytes:
+    if compressor == "lzma":
+        return lzma.decompress(data)
+    if compressor == "brotli":
+        return compressor_module("brotli").decompress(data)
+    return compressor_module("zstd").ZstdDecompressor().decompress(data)
 
 
 def quantize_rows(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -1451,11 +1582,7 @@ def quantize_rows(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     per clip), and its fake-quantised weights must be exactly the exporter's."""
     max_level = 2 ** (bits - 1) - 1
     w = weight.detach().float().reshape(weight.size(0), -1)  # (rows, cols)
-    row_max = w.abs().amax(dim=1).clamp_min(1e-8)
-    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=w.device)
-    # Scales are rounded to fp16 before coding so the error measured is the error stored.
-    scales = (row_max[None, :] * ratios[:, None] / max_level).to(torch.float16)
-    scales = scales.clamp_min(torch.finfo(torch.float16).tiny)  # (clips, rows)
+    scales = clip_scales(w, max_level)  # (clips, rows)
     codes = torch.clamp(torch.round(w[None] / scales.float()[:, :, None]), -max_level, max_level)  # (clips, rows, cols)
     errors = (codes * scales.float()[:, :, None] - w[None]).square().sum(dim=2)  # (clips, rows)
     best = errors.argmin(dim=0)  # (rows,)
@@ -1463,35 +1590,102 @@ def quantize_rows(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return codes[best, rows].to(torch.int8), scales[best, rows], errors[best, rows]
 
 
+def clip_scales(w: Tensor, max_level: int) -> Tensor:
+    """(clips, rows) fp16 scales, one per clip ratio and row. Rounded to fp16 before any code is
+    chosen, so the error measured is the error stored."""
+    row_max = w.abs().amax(dim=1).clamp_min(1e-8)
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=w.device)
+    scales = (row_max[None, :] * ratios[:, None] / max_level).to(torch.float16)
+    return scales.clamp_min(torch.finfo(torch.float16).tiny)
+
+
 def dequantize_rows(codes: Tensor, scales: Tensor) -> Tensor:
     """The weights an artifact stores: codes times their row's fp16 scale, in fp32."""
     return codes.float() * scales.float()[:, None]
 
 
-def tensor_storage_classes(model: nn.Module) -> dict[str, str]:
+def hessian_row_errors(weight: Tensor, approximation: Tensor, hessian: Tensor) -> Tensor:
+    """Per row, the output error an approximation causes on the calibration inputs:
+    (W - W_q) H (W - W_q)^T on the diagonal, H = E[x x^T] of the layer's inputs."""
+    delta = approximation.float() - weight.float()
+    return ((delta @ hessian.float()) * delta).sum(dim=-1)
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, block_size: int = 128,
+                  damp: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022) with per-row scales: columns are quantised one at a time, in
+    order of decreasing input energy, and each one's rounding error is pushed onto the columns
+    not yet quantised through the Cholesky factor of the inverse Hessian, so what the layer
+    outputs on the calibration inputs moves as little as possible. Rows are independent given
+    H, so every clip ratio runs at once (rows stacked) and each row keeps the clip with the least
+    output error. Returns (codes int8, scales fp16, output error per row on the undamped H)."""
+    max_level = 2 ** (bits - 1) - 1
+    w = weight.detach().float().reshape(weight.size(0), -1)  # (rows, cols)
+    rows, cols = w.shape
+    hessian = hessian.detach().float().to(w.device)
+    damped = hessian.clone()
+    dead = torch.diagonal(damped) <= 0  # inputs that never fire: nothing to compensate there
+    damped[dead, dead] = 1.0
+    damped += damp * torch.diagonal(damped).mean() * torch.eye(cols, device=w.device)
+    order = torch.argsort(torch.diagonal(damped), descending=True)
+    inverse_factor = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(damped[order][:, order])), upper=True)
+    scales = clip_scales(w, max_level)  # (clips, rows)
+    clips = scales.size(0)
+    step = scales.float().reshape(-1)  # (clips * rows,)
+    work = w.masked_fill(dead[None, :], 0.0)[:, order].repeat(clips, 1)  # (clips * rows, cols)
+    codes = torch.zeros_like(work)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = work[:, start:end]  # a view: updates land in work
+        block_errors = torch.zeros_like(block)
+        for column in range(end - start):
+            values = block[:, column]
+            code = torch.clamp(torch.round(values / step), -max_level, max_level)
+            codes[:, start + column] = code
+            error = (values - code * step) / inverse_factor[start + column, start + column]
+            block[:, column:] -= error[:, None] * inverse_factor[start + column, start + column:end][None, :]
+            block_errors[:, column] = error
+        work[:, end:] -= block_errors @ inverse_factor[start:end, end:]
+    codes = codes[:, torch.argsort(order)].reshape(clips, rows, cols)
+    errors = hessian_row_errors(w.expand(clips, rows, cols), codes * scales.float()[:, :, None], hessian)
+    best = errors.argmin(dim=0)
+    index = torch.arange(rows, device=w.device)
+    return codes[best, index].to(torch.int8), scales[best, index], errors[best, index]
+
+
+def tensor_storage_classes(model: nn.Module, matrix_bits: int = 6, embed_bits: int = 8) -> dict[str, str]:
     """Decide each state-dict tensor's class from the module that owns it."""
     classes: dict[str, str] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
             if isinstance(module, nn.Embedding):
-                classes[name] = "int8"
+                classes[name] = f"int{embed_bits}"
             elif isinstance(module, nn.Linear) and param.ndim == 2:
-                classes[name] = "int6"
+                classes[name] = f"int{matrix_bits}"
             else:
                 classes[name] = "float16"
     return classes
 
 
-def _encode_tensor(tensor: Tensor, storage: str) -> tuple[dict[str, Any], list[bytes], float]:
-    """(metadata, byte blobs, squared error) of one tensor at one storage class."""
+def _encode_tensor(tensor: Tensor, storage: str, hessian: Tensor | None = None, block_size: int = 128,
+                   damp: float = 0.01) -> tuple[dict[str, Any], list[bytes], float]:
+    """(metadata, byte blobs, error) of one tensor at one storage class. The error is the squared
+    error, or the output error on the calibration inputs when a Hessian is given (GPTQ)."""
     if storage == "float16":
         stored = tensor.detach().to(torch.float16)
         error = (stored.float() - tensor.detach().float()).square().sum().item()
         return {"storage": storage}, [stored.cpu().numpy().tobytes()], error
     bits = int(storage.removeprefix("int"))
-    codes, scales, row_errors = quantize_rows(tensor.cpu(), bits)
-    return {"storage": storage}, [codes.numpy().tobytes(), scales.numpy().tobytes()], row_errors.sum().item()
+    if hessian is None:
+        codes, scales, row_errors = quantize_rows(tensor.cpu(), bits)
+        method = "clip"
+    else:
+        codes, scales, row_errors = gptq_quantize(tensor, hessian, bits, block_size, damp)
+        codes, scales, method = codes.cpu(), scales.cpu(), "gptq"
+    return ({"storage": storage, "method": method}, [codes.numpy().tobytes(), scales.numpy().tobytes()],
+            row_errors.sum().item())
 
 
 def _serialize(entries: list[dict[str, Any]], blobs: list[list[bytes]], hp: Hyperparameters) -> bytes:
@@ -1504,50 +1698,72 @@ def _serialize(entries: list[dict[str, Any]], blobs: list[list[bytes]], hp: Hype
     return struct.pack("<I", len(metadata)) + metadata + b"".join(part for parts in blobs for part in parts)
 
 
-def compress_artifact(raw: bytes, preset: int) -> bytes:
-    body = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=preset)
-    return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, hashlib.sha256(body).digest(), len(body)) + body
+def compress_artifact(raw: bytes, compressor: str = "lzma", lzma_preset: int = 9) -> bytes:
+    body = compress_bytes(raw, compressor, lzma_preset)
+    return ARTIFACT_HEADER.pack(artifact_magic(compressor), hashlib.sha256(body).digest(), len(body)) + body
 
 
-def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Callable[[str], None]) -> bytes:
-    """Quantise the backbone and compress it so that artifact + code fit ARTIFACT_BUDGET_BYTES.
-    Over budget, matrices move down int6 -> int5 -> int4, cheapest first: the move with the
-    least growth of relative squared error (||W - W_q||^2 / ||W||^2) per byte saved, bytes
-    measured by LZMA on the tensor alone. Each choice is logged. Returns the artifact's bytes."""
+def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Callable[[str], None],
+                    hessians: dict[str, Tensor] | None = None, head: nn.Module | None = None) -> bytes:
+    """Quantise the backbone (and the JEPA head, when given) and compress it so that artifact +
+    code fit ARTIFACT_BUDGET_BYTES. Matrices with a Hessian are quantised by GPTQ, the rest by
+    the clip search. Over budget, matrices move down one bit at a time to int4, cheapest first:
+    the move with the least growth of relative error (output error on the calibration inputs
+    relative to the layer's output energy under GPTQ, ||W - W_q||^2 / ||W||^2 otherwise) per byte
+    saved, bytes measured by the compressor on the tensor alone. Each choice is logged."""
+    hessians = hessians or {}
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     leaked = [name for name in state if name.split(".")[0] in JEPA_MODULE_NAMES]
-    assert not leaked, f"JEPA tensors must never reach the artifact: {leaked}"
+    assert not leaked, f"JEPA tensors must never reach the artifact's backbone: {leaked}"
+    classes = tensor_storage_classes(model, hp.matrix_bits, hp.embed_bits)
+    matrices = {name for module_name, module in model.named_modules() if isinstance(module, nn.Linear)
+                for name in [f"{module_name}.weight"]}
+    if head is not None:
+        for name, tensor in head.state_dict().items():
+            state[HEAD_PREFIX + name] = tensor.detach().cpu()
+        for name, kind in tensor_storage_classes(head, hp.matrix_bits, hp.embed_bits).items():
+            classes[HEAD_PREFIX + name] = kind
+            if kind != "float16":
+                matrices.add(HEAD_PREFIX + name)
     names = sorted(state)
-    classes = tensor_storage_classes(model)
     storage = {name: classes.get(name, "float16") for name in names}
     encodings: dict[tuple[str, str], tuple[dict[str, Any], list[bytes], float]] = {}
     compressed_sizes: dict[tuple[str, str], int] = {}
 
     def encoding(name: str, kind: str) -> tuple[dict[str, Any], list[bytes], float]:
         if (name, kind) not in encodings:
-            encodings[name, kind] = _encode_tensor(state[name], kind)
+            hessian = hessians.get(name) if name in matrices else None
+            encodings[name, kind] = _encode_tensor(state[name], kind, hessian, hp.gptq_block_size, hp.gptq_damp)
         return encodings[name, kind]
 
     def compressed_size(name: str, kind: str) -> int:
         if (name, kind) not in compressed_sizes:
-            compressed_sizes[name, kind] = len(lzma.compress(b"".join(encoding(name, kind)[1]), preset=hp.lzma_preset))
+            compressed_sizes[name, kind] = len(compress_bytes(b"".join(encoding(name, kind)[1]), hp.compressor,
+                                                              hp.lzma_preset))
         return compressed_sizes[name, kind]
+
+    def energy(name: str) -> float:
+        weight = state[name].float()
+        if name in hessians and name in matrices:
+            return hessian_row_errors(weight, torch.zeros_like(weight), hessians[name].cpu()).sum().item()
+        return weight.square().sum().item()
 
     def build() -> bytes:
         entries = [{"name": n, "shape": list(state[n].shape), **encoding(n, storage[n])[0]} for n in names]
-        return compress_artifact(_serialize(entries, [encoding(n, storage[n])[1] for n in names], hp), hp.lzma_preset)
+        return compress_artifact(_serialize(entries, [encoding(n, storage[n])[1] for n in names], hp),
+                                 hp.compressor, hp.lzma_preset)
 
     artifact = build()
     budget_for_weights = hp.artifact_budget_bytes - code_bytes
     while len(artifact) > budget_for_weights:
         moves = []
-        for name in names:
-            lower = {"int6": "int5", "int5": "int4"}.get(storage[name])
-            if lower is None:
+        for name in sorted(matrices):
+            bits = int(storage[name].removeprefix("int"))
+            if bits <= 4:
                 continue
+            lower = f"int{bits - 1}"
             saved = compressed_size(name, storage[name]) - compressed_size(name, lower)
-            error_growth = (encoding(name, lower)[2] - encoding(name, storage[name])[2]) / (
-                state[name].float().square().sum().item() + 1e-12)
+            error_growth = (encoding(name, lower)[2] - encoding(name, storage[name])[2]) / (energy(name) + 1e-12)
             moves.append((error_growth / max(saved, 1), name, lower, saved, error_growth))
         if not moves:
             raise ConfigError(
@@ -1557,7 +1773,7 @@ def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Calla
         overshoot = len(artifact) - budget_for_weights
         expected_saving = 0
         for _, name, lower, saved, error_growth in sorted(moves):
-            trained_at = " (late QAT trained it at int6)" if hp.qat_start_fraction > 0 else ""
+            trained_at = f" (late QAT trained it at int{hp.matrix_bits})" if hp.qat_start_fraction > 0 else ""
             log(f"export: {name} {storage[name]} -> {lower} (relative error +{error_growth:.2e}, saves "
                 f"~{saved:,} bytes){trained_at}")
             storage[name] = lower
@@ -1569,22 +1785,26 @@ def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Calla
 
 
 def read_artifact(path: Path) -> dict[str, Any]:
-    """Parse and verify an artifact: returns its hyperparameters and dequantised state dict."""
+    """Parse and verify an artifact: returns its hyperparameters, the dequantised backbone state
+    dict and the JEPA head's (empty unless it was exported for TTT_OBJECTIVE=ce+jepa)."""
     if not path.is_file():
         raise ConfigError(f"artifact {path} not found: train first or set ARTIFACT_PATH")
     blob = path.read_bytes()
-    if len(blob) < ARTIFACT_HEADER.size or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+    compressor_ids = {artifact_magic(name): name for name in COMPRESSORS}
+    if len(blob) < ARTIFACT_HEADER.size or blob[:len(ARTIFACT_MAGIC_PREFIX) + 2] not in compressor_ids:
         raise ConfigError(f"{path} is not a train_gpt_jepa artifact (bad magic): point ARTIFACT_PATH at a .ptz it wrote")
-    _, digest, body_length = ARTIFACT_HEADER.unpack_from(blob)
+    magic, digest, body_length = ARTIFACT_HEADER.unpack_from(blob)
     body = blob[ARTIFACT_HEADER.size:]
     if len(body) != body_length or hashlib.sha256(body).digest() != digest:
         raise ConfigError(f"artifact {path} is truncated or corrupt ({len(body)} of {body_length} body bytes, "
                           f"checksum mismatch): copy it again or re-export it")
-    raw = lzma.decompress(body)
+    compressor = compressor_ids[magic]
+    raw = decompress_bytes(body, compressor)
     (metadata_length,) = struct.unpack_from("<I", raw)
     metadata = json.loads(raw[4:4 + metadata_length])
     payload = memoryview(raw)[4 + metadata_length:]
     state: dict[str, Tensor] = {}
+    head_state: dict[str, Tensor] = {}
     for entry in metadata["tensors"]:
         shape, offset = entry["shape"], entry["offset"]
         parts = []
@@ -1597,8 +1817,13 @@ def read_artifact(path: Path) -> dict[str, Any]:
             codes = torch.frombuffer(bytearray(parts[0]), dtype=torch.int8).view(shape[0], -1)
             scales = torch.frombuffer(bytearray(parts[1]), dtype=torch.float16)
             tensor = dequantize_rows(codes, scales)
-        state[entry["name"]] = tensor.reshape(shape)
-    return {"hyperparameters": metadata["hyperparameters"], "state_dict": state, "tensors": metadata["tensors"]}
+        name = entry["name"]
+        if name.startswith(HEAD_PREFIX):
+            head_state[name.removeprefix(HEAD_PREFIX)] = tensor.reshape(shape)
+        else:
+            state[name] = tensor.reshape(shape)
+    return {"hyperparameters": metadata["hyperparameters"], "state_dict": state, "head_state_dict": head_state,
+            "tensors": metadata["tensors"], "compressor": compressor}
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -1776,10 +2001,10 @@ class Schedule:
         if hp.warmdown_iters <= 0:
             return 1.0
         by_steps = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
-        if hp.max_wallclock_seconds <= 0 or step == 0:
+        if hp.training_seconds <= 0 or step == 0:
             return by_steps
         warmdown_ms = hp.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(1000.0 * hp.max_wallclock_seconds - elapsed_ms, 0.0)
+        remaining_ms = max(1000.0 * hp.training_seconds - elapsed_ms, 0.0)
         return min(by_steps, remaining_ms / max(warmdown_ms, 1e-9))
 
     def lr_multiplier(self, step: int, elapsed_ms: float) -> float:
@@ -1788,7 +2013,7 @@ class Schedule:
         return warmup * max(self.warmdown(step, elapsed_ms), self.hp.min_lr)
 
     def progress(self, step: int, elapsed_ms: float) -> float:
-        by_time = elapsed_ms / (1000.0 * self.hp.max_wallclock_seconds) if self.hp.max_wallclock_seconds > 0 else 0.0
+        by_time = elapsed_ms / (1000.0 * self.hp.training_seconds) if self.hp.training_seconds > 0 else 0.0
         return max(step / self.hp.iterations, by_time)
 
     def phase(self, step: int, elapsed_ms: float) -> tuple[bool, bool]:
@@ -2004,15 +2229,14 @@ class Trainer:
     def _sigreg_directions(self) -> Tensor | None:
         if self.head is None or self.hp.anti_collapse != "sigreg":
             return None
-        directions = torch.randn(self.hp.d_latent, self.hp.sigreg_slices, generator=self.sigreg_generator)
-        return F.normalize(directions, dim=0).to(self.runtime.device, non_blocking=True)
+        return draw_sigreg_directions(self.hp, self.sigreg_generator, self.runtime.device)
 
     def set_phase(self, phase: tuple[bool, bool], step: int | None = None) -> None:
         """Late QAT and depth recurrence on or off; logged when a training step switches them."""
         if phase == self.phase:
             return
         qat, looping = phase
-        set_late_qat(self.model, 6 if qat else 0)
+        set_late_qat(self.model, self.hp.matrix_bits if qat else 0)
         set_looping([self.model, self.target_encoder], looping)
         if step is not None:
             for name, before, after in zip(("late_qat", "looping"), self.phase, phase):
@@ -2315,6 +2539,251 @@ def load_checkpoint(path: Path, trainer: Trainer) -> dict[str, Any]:
 
 
 # =============================================================================
+# GPTQ CALIBRATION AND SCORE-FIRST TEST-TIME TRAINING
+# =============================================================================
+# Calibration reads training data only (the trainer's own loader, after its last step): the
+# rules allow training data inside the 600 s, never validation data. Its time counts as training
+# time, as the records count it; GPTQ_RESERVE_SECONDS stops the loop early enough for it.
+#
+# Test-time training is the records' legal score-first TTT (#549): the validation windows are
+# grouped into chunks of about TTT_CHUNK_TOKENS scored tokens, in order; each chunk is scored
+# under inference mode, and only then trained on (TTT_EPOCHS full-batch SGD steps over sequences
+# whose every target was already scored). No token is ever scored by a model that has seen it.
+
+
+def collect_hessians(model: nn.Module, batches: Iterable[Tensor], runtime: "Runtime") -> dict[str, Tensor]:
+    """E[x x^T] of the inputs of every linear layer of `model` (every pass of a looped block) over
+    the given input batches and all ranks, keyed by the weight's state-dict name."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    handles = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        name = f"{module_name}.weight"
+        sums[name] = torch.zeros(module.in_features, module.in_features, device=runtime.device)
+        counts[name] = torch.zeros((), device=runtime.device)
+
+        def accumulate(_module: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
+            x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.size(0)
+        handles.append(module.register_forward_pre_hook(accumulate))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), runtime.autocast():
+            for inputs in batches:
+                model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if runtime.distributed:
+        for name in sums:
+            dist.all_reduce(sums[name])
+            dist.all_reduce(counts[name])
+    return {name: (sums[name] / counts[name].clamp_min(1.0)).cpu() for name in sums}
+
+
+def calibrate_gptq(trainer: "Trainer") -> tuple[dict[str, Tensor], float]:
+    """Hessians of the final weights on GPTQ_CALIBRATION_BATCHES fresh training micro-batches per
+    rank (the batches training would have read next). Returns (Hessians, milliseconds)."""
+    hp, runtime = trainer.hp, trainer.runtime
+    runtime.synchronize()
+    started = time.perf_counter()
+    batches = (trainer.loader.next_batch(trainer.local_batch_tokens, hp.train_seq_len)[0]
+               for _ in range(hp.gptq_calibration_batches))
+    hessians = collect_hessians(trainer.model, batches, runtime)
+    runtime.synchronize()
+    return hessians, 1000.0 * (time.perf_counter() - started)
+
+
+def draw_sigreg_directions(hp: Hyperparameters, generator: torch.Generator, device: torch.device) -> Tensor:
+    """SIGREG_SLICES random unit directions in the latent space (columns)."""
+    directions = torch.randn(hp.d_latent, hp.sigreg_slices, generator=generator)
+    return F.normalize(directions, dim=0).to(device, non_blocking=True)
+
+
+class LoraLinear(nn.Module):
+    """TTT_PARAMS=lora: a frozen linear layer plus a trainable low-rank update up @ down. `up`
+    starts at zero, so the adapted model starts exactly as the artifact's."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        down = torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features)
+        self.down = nn.Parameter(down.to(base.weight.device))
+        self.up = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+def attach_lora(model: GPT, rank: int, seed: int) -> list[nn.Parameter]:
+    """Freeze the model and wrap every matrix of its blocks in a LoraLinear (the same adapters on
+    every rank: they are drawn from SEED). Returns the adapters' parameters."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    adapters: list[nn.Parameter] = []
+    for block in model.blocks:
+        for parent in list(block.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, CastedLinear):
+                    adapter = LoraLinear(child, rank, generator)
+                    setattr(parent, child_name, adapter)
+                    adapters += [adapter.down, adapter.up]
+    return adapters
+
+
+def ttt_chunks(windows: list[tuple[int, int, int]], chunk_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive evaluation windows grouped into chunks of at least chunk_tokens scored tokens
+    (the last may hold fewer). Whole windows, so TTT scores exactly the tokens evaluation scores."""
+    chunks: list[list[tuple[int, int, int]]] = [[]]
+    scored = 0
+    for window in windows:
+        if scored >= chunk_tokens:
+            chunks.append([])
+            scored = 0
+        chunks[-1].append(window)
+        scored += window[2] - window[0] - window[1]
+    return chunks
+
+
+def ttt_sequence_ends(chunk: list[tuple[int, int, int]], seq_len: int) -> list[int]:
+    """Last target positions of the training sequences of a scored chunk: sequences of seq_len
+    targets ending at the chunk's last scored target and every seq_len before it, so they cover
+    the chunk's targets and read nothing after them (a sequence near the start may reach back
+    into earlier, already scored chunks)."""
+    first_target = chunk[0][0] + chunk[0][1] + 1
+    last_target = chunk[-1][2]
+    return sorted({max(end, seq_len) for end in range(last_target, first_target - 1, -seq_len)})
+
+
+class ScoreFirstTrainer:
+    """A fresh copy of the artifact's model (and JEPA head for TTT_OBJECTIVE=ce+jepa), its SGD or
+    Adam optimizer over TTT_PARAMS, and the two halves of a chunk: score it, then train on it."""
+
+    def __init__(self, hp: Hyperparameters, runtime: "Runtime", state_dict: dict[str, Tensor],
+                 head_state_dict: dict[str, Tensor]):
+        self.hp, self.runtime = hp, runtime
+        self.model = build_eval_model(hp, runtime, state_dict, compiled=False)
+        self.head: JepaHead | None = None
+        if hp.ttt_objective == "ce+jepa":
+            if not head_state_dict:
+                raise ConfigError("TTT_OBJECTIVE=ce+jepa needs the JEPA head in the artifact: train the run with "
+                                  "TTT_OBJECTIVE=ce+jepa (it exports the head), or use TTT_OBJECTIVE=ce")
+            if hp.jepa_mode not in ("next", "chunk"):
+                raise ConfigError(f"TTT_OBJECTIVE=ce+jepa supports JEPA_MODE next and chunk, not {hp.jepa_mode}")
+            self.head = JepaHead(hp).to(runtime.device)
+            self.head.load_state_dict({name: t.to(runtime.device) for name, t in head_state_dict.items()}, strict=True)
+        if hp.ttt_params == "lora":
+            self.parameters = attach_lora(self.model, hp.ttt_lora_rank, hp.seed)
+        else:
+            self.parameters = [p for p in self.model.parameters()]
+        if self.head is not None:
+            self.parameters += list(self.head.parameters())
+        if hp.ttt_optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.parameters, lr=hp.ttt_lr,
+                                                                     betas=(hp.ttt_momentum, 0.99))
+        else:
+            self.optimizer = torch.optim.SGD(self.parameters, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        compile_module = (lambda module: torch.compile(module, dynamic=False, fullgraph=True)) if runtime.compile else (
+            lambda module: module)
+        self.compiled_model = compile_module(self.model)
+        self.compiled_head = compile_module(self.head) if self.head is not None else None
+        self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
+        self.offsets = torch.arange(hp.train_seq_len + 1, device=runtime.device)
+
+    def score(self, device_tokens: Tensor, chunk: list[tuple[int, int, int]], batch_windows: int,
+              luts: tuple[Tensor, Tensor, Tensor], token_losses_out: list[Tensor] | None = None) -> ScoreSums:
+        return score_windows(self.compiled_model, device_tokens, chunk[self.runtime.rank::self.runtime.world_size],
+                             self.hp.train_seq_len, batch_windows, luts, self.runtime, token_losses_out)
+
+    def _loss(self, inputs: Tensor, targets: Tensor, total_targets: int) -> Tensor:
+        """This micro-batch's share of the chunk's mean loss (summed over ranks and micro-batches)."""
+        hp = self.hp
+        if self.head is None:
+            token_losses, _ = self.compiled_model(inputs, targets, reduction="none")
+            return token_losses.float().sum() / total_targets
+        token_losses, features = self.compiled_model(inputs, targets, feature_layer=hp.jepa_layer_index,
+                                                     reduction="none")
+        directions = (draw_sigreg_directions(hp, self.sigreg_generator, self.runtime.device)
+                      if hp.anti_collapse == "sigreg" else None)
+        # The target is the online model's own features under stop-gradient (the EMA target
+        # encoder of training is not exported).
+        prediction_loss, regulariser_loss = self.compiled_head(features, features.detach(), None, directions)
+        jepa_sum = hp.jepa_weight * (prediction_loss + regulariser_loss) * targets.numel()
+        return (token_losses.float().sum() + jepa_sum) / total_targets
+
+    def train_on(self, device_tokens: Tensor, chunk: list[tuple[int, int, int]], lr: float,
+                 batch_sequences: int) -> None:
+        """TTT_EPOCHS optimizer steps on the already scored chunk, each over all of its sequences (shared
+        between the ranks, gradients summed)."""
+        hp, runtime = self.hp, self.runtime
+        ends = ttt_sequence_ends(chunk, hp.train_seq_len)
+        mine = ends[runtime.rank::runtime.world_size]
+        total_targets = len(ends) * hp.train_seq_len
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(hp.ttt_epochs):
+            self.optimizer.zero_grad(set_to_none=False)
+            for first in range(0, len(mine), batch_sequences):
+                starts = torch.tensor(mine[first:first + batch_sequences], device=runtime.device) - hp.train_seq_len
+                rows = device_tokens[starts[:, None] + self.offsets]
+                with runtime.autocast():
+                    loss = self._loss(rows[:, :-1], rows[:, 1:], total_targets)
+                loss.backward()
+            if runtime.distributed:
+                for param in self.parameters:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    dist.all_reduce(param.grad)
+            if hp.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.parameters, hp.ttt_grad_clip)
+            self.optimizer.step()
+        self.model.eval()
+
+
+def run_test_time_training(hp: Hyperparameters, runtime: "Runtime", state_dict: dict[str, Tensor],
+                    head_state_dict: dict[str, Tensor], val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
+                    chunk_token_losses: list[Tensor] | None = None) -> dict[str, float]:
+    """Score-first TTT over the whole validation split, windows as the final evaluation lays them
+    out (EVAL_STRIDE). Returns val_loss, val_bpb, the chunk count and the scoring and training
+    milliseconds. chunk_token_losses (tests): receives the loss of every token scored, per chunk."""
+    started = time.perf_counter()
+    ttt = ScoreFirstTrainer(hp, runtime, state_dict, head_state_dict)
+    seq_len = hp.train_seq_len
+    chunks = ttt_chunks(evaluation_windows(val_tokens.numel() - 1, seq_len, hp.eval_stride), hp.ttt_chunk_tokens)
+    batch_windows = max(1, hp.val_batch_size // (seq_len * runtime.world_size))
+    device_tokens = val_tokens.to(runtime.device, torch.int64)
+    totals = ScoreSums(*(torch.zeros((), device=runtime.device, dtype=torch.float64) for _ in range(3)))
+    score_ms = train_ms = 0.0
+    for index, chunk in enumerate(chunks):
+        runtime.synchronize()
+        scoring_started = time.perf_counter()
+        scored_losses: list[Tensor] | None = [] if chunk_token_losses is not None else None
+        for total, part in zip(totals, ttt.score(device_tokens, chunk, batch_windows, luts, scored_losses)):
+            total.add_(part)
+        if chunk_token_losses is not None:
+            chunk_token_losses.append(torch.cat(scored_losses))
+        runtime.synchronize()
+        score_ms += 1000.0 * (time.perf_counter() - scoring_started)
+        if index == len(chunks) - 1 or hp.ttt_epochs == 0 or hp.ttt_lr == 0:
+            continue  # nothing is scored after the last chunk: training on it would change nothing
+        training_started = time.perf_counter()
+        lr = hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
+        ttt.train_on(device_tokens, chunk, lr, batch_windows)
+        runtime.synchronize()
+        train_ms += 1000.0 * (time.perf_counter() - training_started)
+    val_loss, val_bpb = bpb_from_sums(totals, runtime)
+    return {"val_loss": val_loss, "val_bpb": val_bpb, "chunks": len(chunks), "score_ms": score_ms,
+            "train_ms": train_ms, "total_ms": 1000.0 * (time.perf_counter() - started),
+            "parameters": sum(p.numel() for p in ttt.parameters)}
+
+
+# =============================================================================
 # MAIN
 # =============================================================================
 
@@ -2338,20 +2807,22 @@ def format_train_line(step: int, hp: Hyperparameters, metrics: dict[str, float],
     return " ".join(parts)
 
 
-def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str, Tensor]) -> nn.Module:
+def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str, Tensor],
+                     compiled: bool = True) -> nn.Module:
     """A fresh backbone (no JEPA part) holding the given weights, in training's dtypes and final
     phase (looping on when configured: training always ends past LOOP_START_FRACTION), compiled
-    like training's."""
+    like training's unless compiled=False."""
     model = GPT(hp).to(runtime.device)
     apply_model_dtype(model, runtime.model_dtype)
     model.looping = Schedule(hp, jepa_active=False).phase_at(1.0)[1]
     model.load_state_dict({name: tensor.to(runtime.device) for name, tensor in state_dict.items()}, strict=True)
-    return torch.compile(model, dynamic=False, fullgraph=True) if runtime.compile else model
+    return torch.compile(model, dynamic=False, fullgraph=True) if runtime.compile and compiled else model
 
 
 def evaluate_artifact(hp: Hyperparameters, runtime: Runtime, artifact_path: Path, val_tokens: Tensor,
                       luts: tuple[Tensor, Tensor, Tensor], log: RunLogger) -> dict[str, float | None]:
-    """Roundtrip: rebuild the model from the artifact alone, evaluate, log the result lines."""
+    """Roundtrip: rebuild the model from the artifact alone, evaluate, log the result lines; then,
+    with TTT=1, score-first test-time training from the same artifact."""
     artifact = read_artifact(artifact_path)
     model = build_eval_model(hp, runtime, artifact["state_dict"])
     started = time.perf_counter()
@@ -2368,6 +2839,20 @@ def evaluate_artifact(hp: Hyperparameters, runtime: Runtime, artifact_path: Path
         log(f"final_sliding val_loss:{sliding_loss:.8f} val_bpb:{sliding_bpb:.8f} stride:{hp.eval_stride} "
             f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
         result.update(sliding_val_loss=sliding_loss, sliding_val_bpb=sliding_bpb)
+    if hp.ttt:
+        del model  # TTT builds its own copy of the weights, which it trains
+        ttt = run_test_time_training(hp, runtime, artifact["state_dict"], artifact["head_state_dict"], val_tokens, luts)
+        baseline_name, baseline = (("final_sliding", result["sliding_val_bpb"]) if hp.eval_stride > 0
+                                   else ("roundtrip", val_bpb))
+        log(f"ttt: {ttt['chunks']} chunks of ~{hp.ttt_chunk_tokens} tokens, epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
+            f"{hp.ttt_optimizer} momentum:{hp.ttt_momentum} params:{hp.ttt_params} ({ttt['parameters']} trained) "
+            f"objective:{hp.ttt_objective} scoring:{ttt['score_ms']:.0f}ms training:{ttt['train_ms']:.0f}ms")
+        log(f"final_ttt val_loss:{ttt['val_loss']:.4f} val_bpb:{ttt['val_bpb']:.4f} eval_time:{ttt['total_ms']:.0f}ms")
+        log(f"final_ttt_exact val_loss:{ttt['val_loss']:.8f} val_bpb:{ttt['val_bpb']:.8f}")
+        log(f"ttt_gain val_bpb:{ttt['val_bpb'] - baseline:+.5f} (against {baseline_name}, the same windows)")
+        result.update(ttt_val_loss=ttt["val_loss"], ttt_val_bpb=ttt["val_bpb"], ttt_eval_time_ms=round(ttt["total_ms"], 1),
+                      ttt_train_time_ms=round(ttt["train_ms"], 1), ttt_objective=hp.ttt_objective,
+                      ttt_params=hp.ttt_params)
     return result
 
 
@@ -2491,16 +2976,54 @@ def apply_final_weights(trainer: Trainer, val_tokens: Tensor, luts: tuple[Tensor
     return val_loss, val_bpb
 
 
-def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_bytes: int,
-                        log: RunLogger) -> str | None:
-    """Rank 0 quantises, compresses and writes the artifact; every rank returns the same outcome:
-    None, or the one-line error that stops the run."""
+def calibrate_and_log(trainer: Trainer, train_ms: float, summary: dict[str, Any],
+                      log: RunLogger) -> dict[str, Tensor] | None:
+    """QUANT=gptq: collect the Hessians on training data and log their time against the cap."""
+    hp = trainer.hp
+    if hp.quant != "gptq":
+        return None
+    hessians, calibration_ms = calibrate_gptq(trainer)
+    counted_ms = train_ms + calibration_ms
+    log(f"gptq_calibration: {hp.gptq_calibration_batches} training batches x {trainer.local_batch_tokens} tokens "
+        f"per rank, {len(hessians)} matrices, {calibration_ms:.0f}ms; training + calibration {counted_ms:.0f}ms"
+        + (f" of MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}s" if hp.max_wallclock_seconds > 0 else ""))
+    if 0 < 1000.0 * hp.max_wallclock_seconds < counted_ms:
+        log(f"warning: training + GPTQ calibration took {counted_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+            f"{hp.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS to at least {calibration_ms / 1000 + 1:.0f} "
+            f"or lower GPTQ_CALIBRATION_BATCHES")
+    summary.update(calibration_time_ms=round(calibration_ms, 1), train_and_calibration_ms=round(counted_ms, 1))
+    return hessians
+
+
+def save_float_weights(path: Path, model: GPT, head: nn.Module | None, hessians: dict[str, Tensor] | None,
+                       hp: Hyperparameters) -> None:
+    """FLOAT_WEIGHTS_PATH: what scripts/export_study.py re-exports with other settings."""
+    payload = {"hyperparameters": dataclasses.asdict(hp),
+               "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
+               "head_state_dict": {name: t.detach().cpu() for name, t in head.state_dict().items()} if head else {},
+               "hessians": hessians or {}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_bytes: int, log: RunLogger,
+                        hessians: dict[str, Tensor] | None = None, head: nn.Module | None = None) -> str | None:
+    """Rank 0 quantises, compresses and writes the artifact (and FLOAT_WEIGHTS_PATH when set);
+    every rank returns the same outcome: None, or the one-line error that stops the run."""
     artifact_path = Path(hp.artifact_path)
     export_error: str | None = None
     if runtime.master:
         try:
-            artifact = export_artifact(model, hp, code_bytes, log)
+            if hp.float_weights_path:
+                save_float_weights(Path(hp.float_weights_path), model, head, hessians, hp)
+                log(f"float weights: {hp.float_weights_path}")
+            started = time.perf_counter()
+            artifact = export_artifact(model, hp, code_bytes, log, hessians, head)
             write_atomically(artifact_path, artifact)
+            log(f"export: quant:{hp.quant if hessians else 'clip'} matrix_bits:{hp.matrix_bits} "
+                f"embed_bits:{hp.embed_bits} compressor:{hp.compressor} jepa_head:{int(head is not None)} "
+                f"time:{1000 * (time.perf_counter() - started):.0f}ms")
             log(f"Serialized model int6+lzma: {len(artifact)} bytes")
             log(f"Code size: {code_bytes} bytes")
             log(f"Total submission size int6+lzma: {len(artifact) + code_bytes} bytes "
@@ -2592,7 +3115,7 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     # ---- training loop ----
-    max_wallclock_ms = 1000.0 * hp.max_wallclock_seconds
+    max_wallclock_ms = 1000.0 * hp.training_seconds  # less the GPTQ calibration's reserve
     clock = TrainingClock(runtime, clock_offset_ms)
     last_ce_weight = trainer.schedule.ce_weight(step, trainer.agreed_elapsed_ms)
     stop_after: int | None = None
@@ -2701,10 +3224,13 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
         finish_summary("nonfinite_weights", error=message)
         raise RunFailure(message)
 
-    # ---- export and roundtrip ----
+    # ---- GPTQ calibration, export and roundtrip ----
+    calibration_started = time.perf_counter()
+    hessians = calibrate_and_log(trainer, train_ms, summary, log)
     artifact_path = Path(hp.artifact_path)
     export_started = time.perf_counter()
-    export_error = export_on_rank_zero(trainer.model, hp, runtime, code_bytes, log)
+    exported_head = trainer.head if hp.ttt_objective == "ce+jepa" else None
+    export_error = export_on_rank_zero(trainer.model, hp, runtime, code_bytes, log, hessians, exported_head)
     export_ms = 1000.0 * (time.perf_counter() - export_started)
     if export_error is not None:
         finish_summary("export_failed", error=export_error)
@@ -2715,14 +3241,16 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     roundtrip_ms = 1000.0 * (time.perf_counter() - roundtrip_started)
     log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f}")
     log(f"timing: train {train_ms / 1000:.1f}s, validation {eval_ms_total / 1000:.1f}s, "
-        f"final weights and eval {(export_started - final_started):.1f}s, export {export_ms / 1000:.1f}s, "
-        f"roundtrip eval {roundtrip_ms / 1000:.1f}s")
+        f"final weights and eval {(calibration_started - final_started):.1f}s, "
+        f"calibration {(export_started - calibration_started):.1f}s, export {export_ms / 1000:.1f}s, "
+        f"roundtrip eval{' and TTT' if hp.ttt else ''} {roundtrip_ms / 1000:.1f}s")
     summary.update(result, artifact_path=str(artifact_path), artifact_bytes=artifact_bytes,
                    total_bytes=artifact_bytes + code_bytes, artifact_budget_bytes=hp.artifact_budget_bytes,
                    export_time_ms=round(export_ms, 1), roundtrip_eval_time_ms=round(roundtrip_ms, 1))
     finish_summary("completed")
     log(f"summary:{summary_path}")
-    log(f"final: val_bpb {final_val_bpb:.4f} (int6+lzma roundtrip {result['roundtrip_val_bpb']:.4f}) after "
+    ttt_part = f", score-first TTT {result['ttt_val_bpb']:.4f}" if hp.ttt else ""
+    log(f"final: val_bpb {final_val_bpb:.4f} (int6+lzma roundtrip {result['roundtrip_val_bpb']:.4f}{ttt_part}) after "
         f"{step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} bytes "
         f"(artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
     if runtime.distributed:
