@@ -182,7 +182,7 @@ class Hyperparameters:
     artifact_path: str = "final_model.int6.ptz"  # written atomically by training, read by EVAL_ONLY
     artifact_budget_bytes: int = 16_000_000  # artifact file + this file's bytes must fit
     lzma_preset: int = 9  # LZMA level of the artifact (9, 6 and the extreme flag measured within 0.01%)
-    compressor: str = "lzma"  # the artifact's compressor: lzma | brotli | zstd (the last two need their packages)
+    compressor: str = "brotli"  # the artifact's compressor: brotli (measured smallest) | lzma | zstd
     quant: str = "clip"  # matrices: clip (per-row clip search, what late QAT trains for) | gptq (Hessian-aware, #1019)
     matrix_bits: int = 6  # bits of every matrix (and of late QAT); the budget fallback lowers them towards 4
     embed_bits: int = 8  # bits of the embedding tables (per-row clip search; #1586: 7)
@@ -1670,9 +1670,10 @@ def tensor_storage_classes(model: nn.Module, matrix_bits: int = 6, embed_bits: i
 
 
 def _encode_tensor(tensor: Tensor, storage: str, hessian: Tensor | None = None, block_size: int = 128,
-                   damp: float = 0.01) -> tuple[dict[str, Any], list[bytes], float]:
+                   damp: float = 0.01, device: torch.device | None = None) -> tuple[dict[str, Any], list[bytes], float]:
     """(metadata, byte blobs, error) of one tensor at one storage class. The error is the squared
-    error, or the output error on the calibration inputs when a Hessian is given (GPTQ)."""
+    error, or the output error on the calibration inputs when a Hessian is given (GPTQ, run on
+    `device`: its column loop is thousands of small steps, quick on a GPU)."""
     if storage == "float16":
         stored = tensor.detach().to(torch.float16)
         error = (stored.float() - tensor.detach().float()).square().sum().item()
@@ -1682,7 +1683,8 @@ def _encode_tensor(tensor: Tensor, storage: str, hessian: Tensor | None = None, 
         codes, scales, row_errors = quantize_rows(tensor.cpu(), bits)
         method = "clip"
     else:
-        codes, scales, row_errors = gptq_quantize(tensor, hessian, bits, block_size, damp)
+        device = device or tensor.device
+        codes, scales, row_errors = gptq_quantize(tensor.to(device), hessian.to(device), bits, block_size, damp)
         codes, scales, method = codes.cpu(), scales.cpu(), "gptq"
     return ({"storage": storage, "method": method}, [codes.numpy().tobytes(), scales.numpy().tobytes()],
             row_errors.sum().item())
@@ -1712,6 +1714,7 @@ def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Calla
     relative to the layer's output energy under GPTQ, ||W - W_q||^2 / ||W||^2 otherwise) per byte
     saved, bytes measured by the compressor on the tensor alone. Each choice is logged."""
     hessians = hessians or {}
+    compute_device = next(model.parameters()).device
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     leaked = [name for name in state if name.split(".")[0] in JEPA_MODULE_NAMES]
     assert not leaked, f"JEPA tensors must never reach the artifact's backbone: {leaked}"
@@ -1733,7 +1736,8 @@ def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Calla
     def encoding(name: str, kind: str) -> tuple[dict[str, Any], list[bytes], float]:
         if (name, kind) not in encodings:
             hessian = hessians.get(name) if name in matrices else None
-            encodings[name, kind] = _encode_tensor(state[name], kind, hessian, hp.gptq_block_size, hp.gptq_damp)
+            encodings[name, kind] = _encode_tensor(state[name], kind, hessian, hp.gptq_block_size, hp.gptq_damp,
+                                                   compute_device)
         return encodings[name, kind]
 
     def compressed_size(name: str, kind: str) -> int:
