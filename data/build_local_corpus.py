@@ -8,17 +8,29 @@ text you have on disk, so the trainer, its tests and the demo run anywhere:
     python3 data/build_local_corpus.py                      # Python's own documentation
     python3 data/build_local_corpus.py notes/ books.jsonl   # your text
     python3 data/build_local_corpus.py corpus/ --tokenizer data/tokenizers/fineweb_1024_bpe.model
+    python3 data/build_local_corpus.py corpus/ --tokenizer byte260        # the byte-level tokenizer
+    python3 data/build_local_corpus.py data/docs_selected.jsonl --tokenizer byte260
 
 Inputs are any mix of .txt/.md/.rst files, folders (searched recursively for those and for
 .jsonl) and JSONL files whose lines carry a "text" field: one document per file or per JSONL
 line. With no input the corpus is the documentation shipped inside the running Python (the
 docstrings of its standard library and the pydoc topics): the same Python gives
-byte-identical output.
+byte-identical output. Documents are de-duplicated and split by a seeded shuffle.
+
+A file named docs_selected.jsonl (the challenge's selected documents, fetched by
+cached_challenge_fineweb.py --with-docs) is read differently, so that retokenising it
+reproduces the challenge's split: streamed in its own order, nothing removed, the first
+docs_val documents (from the docs_selected.source_manifest.json beside it, or --val-docs) form
+val, and its sha256 is checked against the sidecar's docs_sha256.
+
+--tokenizer byte260 selects the challenge's pure byte tokenizer instead of SentencePiece: ids
+0-3 are pad/bos/eos/unk and byte b of a document's UTF-8 text is id 4 + b (vocab 260).
 
 Output (see data/README.md):
     <output-root>/datasets/<name>/fineweb_{train,val}_NNNNNN.bin   challenge shards
     <output-root>/datasets/<name>/manifest.json                    counts, inputs, settings
-    <output-root>/tokenizers/<name>_bpe.model (+ .vocab)           the SentencePiece model
+    <output-root>/tokenizers/<name>_bpe.model (+ .vocab)           the SentencePiece model, or
+    <output-root>/tokenizers/pure_byte_260.json                    the byte tokenizer's descriptor
 
 The functions build_corpus(), python_documentation() and read_shard() are importable, so
 tests can build small datasets in-process.
@@ -27,6 +39,7 @@ tests can build small datasets in-process.
 import argparse
 import ast
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -35,7 +48,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +73,27 @@ DEFAULT_VOCAB_SIZE = 1024
 # of ~100k tokens: enough sequences for a stable val_bpb in the tiny preset.
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_SHARD_TOKENS = 100_000_000  # the challenge's shard size: small corpora get one shard
+
+# The challenge's pure byte tokenizer (its fineweb_pure_byte_260.json): four special ids, then
+# byte b of the UTF-8 text at id BYTE_OFFSET + b. No model to train or ship: a JSON descriptor.
+BYTE_TOKENIZER_NAME = "byte260"  # the word --tokenizer takes instead of a .model path
+BYTE_TOKENIZER_FILE = "pure_byte_260.json"
+DEFAULT_BYTE_NAME = "local_byte260"
+BYTE_OFFSET = 4
+BYTE_COUNT = 256
+BYTE_VOCAB_SIZE = BYTE_OFFSET + BYTE_COUNT
+BYTE_TOKENIZER_DESCRIPTOR = {
+    "tokenizer_type": "pure_byte",
+    "config": {"pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3, "byte_offset": BYTE_OFFSET,
+               "byte_count": BYTE_COUNT},
+    "vocab_size": BYTE_VOCAB_SIZE,
+}
+
+# The challenge's selected documents and the sidecar beside them (num_docs, docs_val,
+# docs_sha256 of the .jsonl file's bytes): read in the export's order, not shuffled.
+DOCS_SELECTED_FILE = "docs_selected.jsonl"
+DOCS_SELECTED_SIDECAR = "docs_selected.source_manifest.json"
+HASH_CHUNK_BYTES = 8 << 20  # docs_selected.jsonl is gigabytes: hash it a chunk at a time
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
@@ -117,6 +151,12 @@ def format_size(num_bytes: int) -> str:
     if num_bytes >= 1_000:
         return f"{num_bytes / 1_000:.1f} kB"
     return f"{num_bytes} bytes"
+
+
+def utf8_bytes(text: str) -> bytes:
+    """The UTF-8 bytes of a text; a lone surrogate (JSON allows "\\ud800") becomes '?', as in the
+    challenge's byte export, instead of stopping the build."""
+    return text.encode("utf-8", errors="replace")
 
 
 def display_path(path: Path) -> str:
@@ -311,7 +351,9 @@ def read_jsonl(path: Path, collected: CollectedText, warn: Log) -> None:
     if text is None:
         return
     bad_lines = 0
-    for line in text.splitlines():
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085 and others, which JSON leaves
+    # unescaped inside strings, and would cut such a record in two.
+    for line in text.split("\n"):
         if not line.strip():
             continue
         try:
@@ -377,7 +419,7 @@ def shuffle_documents(documents: list[str], seed: int) -> list[str]:
     sha256 gives the same order on every Python and every machine.
     """
     seed_prefix = f"build_local_corpus seed {seed}\n".encode("utf-8")
-    return sorted(documents, key=lambda text: hashlib.sha256(seed_prefix + text.encode("utf-8")).digest())
+    return sorted(documents, key=lambda text: hashlib.sha256(seed_prefix + utf8_bytes(text)).digest())
 
 
 def split_documents(
@@ -402,7 +444,127 @@ def split_documents(
 
 
 # =============================================================================
-# TOKENIZER: train a SentencePiece BPE model, or reuse an existing one
+# DOCS_SELECTED: the challenge's own documents, streamed in the export's order
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class SelectedDocuments:
+    """docs_selected.jsonl once checked: its size, its val split, its digest and sidecar."""
+
+    path: Path
+    num_documents: int
+    val_docs: int  # the first val_docs lines are val, the rest train: the export's split
+    sha256: str
+    sha256_checked: bool
+    sidecar_path: Path | None
+    sidecar: dict
+
+
+def read_sidecar(path: Path) -> tuple[Path | None, dict]:
+    """The docs_selected.source_manifest.json beside the .jsonl, or (None, {}) when absent."""
+    sidecar_path = path.with_name(DOCS_SELECTED_SIDECAR)
+    if not sidecar_path.is_file():
+        return None, {}
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorpusError(f"{sidecar_path} is not readable JSON ({err})") from None
+    if not isinstance(sidecar, dict):
+        raise CorpusError(f"{sidecar_path} is not a JSON object")
+    return sidecar_path, sidecar
+
+
+def sidecar_count(sidecar: dict, key: str, sidecar_path: Path | None) -> int | None:
+    value = sidecar.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CorpusError(f"{sidecar_path}: {key} {value!r} is not a non-negative integer")
+    return value
+
+
+def hash_and_count_lines(path: Path) -> tuple[str, int]:
+    """sha256 of the file's bytes and its number of lines, a chunk at a time."""
+    digest = hashlib.sha256()
+    lines = 0
+    last_byte = b"\n"
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+            last_byte = chunk[-1:]
+    if last_byte != b"\n":
+        lines += 1  # a last line without its newline
+    return digest.hexdigest(), lines
+
+
+def open_docs_selected(path: Path, val_docs: int | None, log: Log, warn: Log) -> SelectedDocuments:
+    """Check docs_selected.jsonl against its sidecar before any slow work, and fix the split.
+
+    One pass over the file hashes it and counts its lines (one document per line); the text
+    itself is read later, a line at a time, by iter_docs_selected.
+    """
+    sidecar_path, sidecar = read_sidecar(path)
+    expected = sidecar.get("docs_sha256")
+    expected = expected.strip().lower() if isinstance(expected, str) and expected.strip() else None
+    log(f"collect: hashing {display_path(path)} ({format_size(path.stat().st_size)}) ...")
+    digest, num_documents = hash_and_count_lines(path)
+    if expected is not None and digest != expected:
+        raise CorpusError(
+            f"{path}: sha256 {digest} does not match docs_sha256 {expected} in {sidecar_path}: "
+            "not the file the sidecar describes (fetch both again: cached_challenge_fineweb.py --with-docs)"
+        )
+    if sidecar_path is None:
+        warn(f"{path}: no {DOCS_SELECTED_SIDECAR} beside it, sha256 not checked")
+    elif expected is None:
+        warn(f"{sidecar_path} has no docs_sha256, sha256 of {path.name} not checked")
+    expected_documents = sidecar_count(sidecar, "num_docs", sidecar_path)
+    if expected_documents is not None and expected_documents != num_documents:
+        raise CorpusError(f"{path}: {num_documents:,} lines, but num_docs in {sidecar_path} is {expected_documents:,}")
+    sidecar_val = sidecar_count(sidecar, "docs_val", sidecar_path)
+    if val_docs is not None and sidecar_val is not None and val_docs != sidecar_val:
+        raise CorpusError(
+            f"--val-docs {val_docs} differs from docs_val {sidecar_val} in {sidecar_path}: "
+            "leave --val-docs out to keep the export's split"
+        )
+    num_val = val_docs if val_docs is not None else sidecar_val
+    if num_val is None:
+        raise CorpusError(f"{path}: no docs_val in a {DOCS_SELECTED_SIDECAR} beside it; give --val-docs N")
+    if num_val < 1 or num_val >= num_documents:
+        raise CorpusError(
+            f"docs_val {num_val} of the {num_documents:,} documents in {path}: each split needs at least one document"
+        )
+    checked = "sha256 matches the sidecar" if expected is not None else "sha256 not checked"
+    log(f"collect: {display_path(path)}: {num_documents:,} documents ({checked})")
+    return SelectedDocuments(path, num_documents, num_val, digest, expected is not None, sidecar_path, sidecar)
+
+
+def iter_docs_selected(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """The "text" of lines start to stop - 1 (0-based), a line at a time: never the whole file.
+
+    Every line is a document, an empty text included: skipping one would shift the split.
+    """
+    with path.open("rb") as file:  # binary: lines end at "\n" only, as hash_and_count_lines counts
+        for index, line in enumerate(file):
+            if stop is not None and index >= stop:
+                return
+            if index < start:
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CorpusError(
+                    f'{path} line {index + 1}: not a JSON object with a "text" string '
+                    "(every line of the export is a document: none can be skipped without shifting the split)"
+                )
+            yield record["text"]
+
+
+# =============================================================================
+# TOKENIZER: train a SentencePiece BPE model, reuse an existing one, or bytes
 # =============================================================================
 
 
@@ -418,18 +580,24 @@ def vocab_text(processor: spm.SentencePieceProcessor) -> str:
     )
 
 
-def training_sentences(documents: list[str]) -> list[str]:
-    """SentencePiece reads one sentence per line: feed it the non-empty lines, up to the cap."""
+def training_sentences(documents: Iterable[str]) -> tuple[list[str], int]:
+    """SentencePiece reads one sentence per line: feed it the non-empty lines, up to the cap.
+
+    Returns the lines and the number of documents they came from. `documents` may be a
+    stream over a file larger than memory: it is read only up to the cap.
+    """
     sentences = []
     total_chars = 0
+    used_documents = 0
     for document in documents:
+        used_documents += 1
         for line in document.split("\n"):
             if line.strip():
                 sentences.append(line)
                 total_chars += len(line)
         if total_chars >= TOKENIZER_MAX_TRAINING_CHARS:
             break
-    return sentences
+    return sentences, used_documents
 
 
 def explain_trainer_error(message: str, vocab_size: int, text_chars: int, num_documents: int) -> str:
@@ -455,15 +623,35 @@ def explain_trainer_error(message: str, vocab_size: int, text_chars: int, num_do
 class Tokenizer:
     """A tokenizer held in memory until the build writes it: a failure leaves old files intact."""
 
-    processor: spm.SentencePieceProcessor
-    model_bytes: bytes
-    vocab_bytes: bytes
+    processor: spm.SentencePieceProcessor | None  # None for the byte tokenizer: bytes need no model
+    model_bytes: bytes  # the tokenizer's file: a SentencePiece .model, or the byte descriptor's JSON
+    vocab_bytes: bytes | None  # the .vocab written beside a .model; None for the byte tokenizer
     details: dict[str, object]
 
+    @property
+    def kind(self) -> str:
+        return "byte" if self.processor is None else "sentencepiece"
 
-def train_tokenizer(train_documents: list[str], vocab_size: int, log: Log) -> Tokenizer:
+    @property
+    def vocab_size(self) -> int:
+        return BYTE_VOCAB_SIZE if self.processor is None else self.processor.vocab_size()
+
+
+def is_byte_tokenizer(tokenizer: Path | str | None) -> bool:
+    """--tokenizer byte260 names the byte tokenizer; anything else is a .model path."""
+    return tokenizer is not None and str(tokenizer) == BYTE_TOKENIZER_NAME
+
+
+def byte_tokenizer(log: Log) -> Tokenizer:
+    """The challenge's byte260 tokenizer: nothing to train, a descriptor the trainer reads."""
+    descriptor = json.dumps(BYTE_TOKENIZER_DESCRIPTOR, indent=2, sort_keys=True) + "\n"
+    log(f"tokenizer: {BYTE_TOKENIZER_NAME} (UTF-8 bytes at ids {BYTE_OFFSET}-{BYTE_VOCAB_SIZE - 1}), no training")
+    return Tokenizer(None, descriptor.encode("utf-8"), None, {"trained": False, "source": BYTE_TOKENIZER_NAME})
+
+
+def train_tokenizer(train_documents: Iterable[str], vocab_size: int, log: Log) -> Tokenizer:
     """Train BPE with the challenge's settings on the train split's lines."""
-    sentences = training_sentences(train_documents)
+    sentences, used_documents = training_sentences(train_documents)
     text_chars = sum(len(sentence) for sentence in sentences)
     capped = " (capped)" if text_chars >= TOKENIZER_MAX_TRAINING_CHARS else ""
     log(
@@ -487,7 +675,7 @@ def train_tokenizer(train_documents: list[str], vocab_size: int, log: Log) -> To
             **TOKENIZER_TRAINER_SETTINGS,
         )
     except RuntimeError as err:
-        raise CorpusError(explain_trainer_error(str(err), vocab_size, text_chars, len(train_documents))) from None
+        raise CorpusError(explain_trainer_error(str(err), vocab_size, text_chars, used_documents)) from None
     model_bytes = model_buffer.getvalue()
     processor = spm.SentencePieceProcessor(model_proto=model_bytes)
     log(f"tokenizer: trained in {time.perf_counter() - started:.1f} s")
@@ -561,28 +749,43 @@ def to_uint16_tokens(token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return token_ids.astype("<u2")
 
 
-def encode_split(
-    processor: spm.SentencePieceProcessor, documents: list[str], writer: ShardWriter, log: Log
-) -> int:
-    """Encode documents in batches, each as [BOS] + ids, and stream them into the writer."""
-    vocab_size = processor.vocab_size()
-    text_bytes = 0
-    for start in range(0, len(documents), ENCODE_BATCH_DOCUMENTS):
-        batch = documents[start : start + ENCODE_BATCH_DOCUMENTS]
-        text_bytes += sum(len(document.encode("utf-8")) for document in batch)
-        encoded = processor.encode(batch, out_type=int)
+def document_tokens(tokenizer: Tokenizer, batch: list[str]) -> np.ndarray:
+    """[BOS] + ids of each document of the batch, concatenated and checked to fit uint16."""
+    if tokenizer.processor is None:
+        # Byte b is id BYTE_OFFSET + b; every id is below 260, so uint16 holds the batch.
+        bos = np.array([BOS_ID], dtype=np.uint16)
         pieces = []
-        for ids in encoded:
-            pieces.append(np.array([BOS_ID], dtype=np.int64))
-            pieces.append(np.asarray(ids, dtype=np.int64))
-        writer.add(to_uint16_tokens(np.concatenate(pieces), vocab_size))
+        for document in batch:
+            pieces.append(bos)
+            pieces.append(np.frombuffer(utf8_bytes(document), dtype=np.uint8).astype(np.uint16) + BYTE_OFFSET)
+        return to_uint16_tokens(np.concatenate(pieces), BYTE_VOCAB_SIZE)
+    pieces = []
+    for ids in tokenizer.processor.encode(batch, out_type=int):
+        pieces.append(np.array([BOS_ID], dtype=np.int64))
+        pieces.append(np.asarray(ids, dtype=np.int64))
+    return to_uint16_tokens(np.concatenate(pieces), tokenizer.vocab_size)
+
+
+def encode_split(tokenizer: Tokenizer, documents: Iterable[str], writer: ShardWriter, log: Log) -> tuple[int, int]:
+    """Encode documents in batches, each as [BOS] + ids, and stream them into the writer.
+
+    `documents` may be a stream over a file larger than memory: one batch is held at a time.
+    Returns (documents, UTF-8 bytes of their text).
+    """
+    num_documents = 0
+    text_bytes = 0
+    stream = iter(documents)
+    while batch := list(itertools.islice(stream, ENCODE_BATCH_DOCUMENTS)):
+        num_documents += len(batch)
+        text_bytes += sum(len(utf8_bytes(document)) for document in batch)
+        writer.add(document_tokens(tokenizer, batch))
     writer.flush()
     tokens = writer.total_tokens
     log(
-        f"encode: {writer.split} {len(documents):,} documents -> {tokens:,} tokens "
-        f"({tokens / len(documents):.1f} tokens/document, {text_bytes / tokens:.2f} text bytes/token)"
+        f"encode: {writer.split} {num_documents:,} documents -> {tokens:,} tokens "
+        f"({tokens / max(1, num_documents):.1f} tokens/document, {text_bytes / max(1, tokens):.2f} text bytes/token)"
     )
-    return text_bytes
+    return num_documents, text_bytes
 
 
 # =============================================================================
@@ -613,7 +816,7 @@ def remove_stale_shards(folder: Path, keep: list[Path], log: Log) -> None:
 def build_corpus(
     documents: list[str] | None = None,
     inputs: list[Path] | None = None,
-    name: str = DEFAULT_NAME,
+    name: str | None = None,
     output_root: Path | str = DEFAULT_OUTPUT_ROOT,
     vocab_size: int | None = None,
     tokenizer: Path | str | None = None,
@@ -627,18 +830,29 @@ def build_corpus(
     """Build <output_root>/datasets/<name>/ and its tokenizer; return the manifest.
 
     Text comes from `documents` (in-memory strings) and/or `inputs` (paths); with neither,
-    from python_documentation(). `tokenizer` reuses an existing model (vocab_size is then
-    the model's); otherwise a BPE model of `vocab_size` (default 1024) is trained on the
-    train split.
+    from python_documentation(). An input file named docs_selected.jsonl must be the only
+    text: it is streamed in its own order with its own split (see open_docs_selected).
+    `tokenizer` reuses an existing SentencePiece model (vocab_size is then the model's), or
+    is the word "byte260" for the byte tokenizer (vocab 260, written to
+    tokenizers/pure_byte_260.json); otherwise a BPE model of `vocab_size` (default 1024) is
+    trained on the train split. `name` defaults to local_sp1024, or local_byte260 with byte260.
     Raises CorpusError for problems the user can fix.
     """
     started = time.perf_counter()
+    byte_level = is_byte_tokenizer(tokenizer)
+    if name is None:
+        name = DEFAULT_BYTE_NAME if byte_level else DEFAULT_NAME
     if not DATASET_NAME_PATTERN.match(name):
         raise CorpusError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     if shard_tokens < 1:
         raise CorpusError(f"--shard-tokens {shard_tokens}: must be at least 1")
     if not 0.0 < val_fraction < 1.0:
         raise CorpusError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
+    if byte_level and vocab_size is not None and vocab_size != BYTE_VOCAB_SIZE:
+        raise CorpusError(
+            f"--vocab-size {vocab_size} with --tokenizer {BYTE_TOKENIZER_NAME}: the byte tokenizer has "
+            f"{BYTE_VOCAB_SIZE} ids (4 special + 256 bytes); leave --vocab-size out"
+        )
     if tokenizer is None and vocab_size is None:
         vocab_size = DEFAULT_VOCAB_SIZE
     if tokenizer is None and not 4 + 256 < vocab_size <= UINT16_LIMIT:
@@ -649,35 +863,83 @@ def build_corpus(
     output_root = Path(output_root)
     inputs = [Path(p) for p in (inputs or [])]
 
-    # --- collect ---
-    if documents is None and not inputs:
-        log("collect: reading the documentation of this Python (stdlib docstrings, pydoc topics) ...")
-        collected = CollectedText(documents=python_documentation())
-        collected.sources = [
-            f"python-documentation: Python {sys.version.split()[0]} standard-library docstrings "
-            f"(>= {MIN_DOCSTRING_CHARS} characters, tests excluded) and pydoc topics"
-        ]
+    # --- collect and split: each split is a function giving its documents, so that the
+    # export's docs_selected.jsonl can be streamed from disk (twice, when a tokenizer is
+    # trained on it) instead of held in memory ---
+    selected_inputs = [path for path in inputs if path.name == DOCS_SELECTED_FILE and path.is_file()]
+    split_sources: dict[str, Callable[[], Iterable[str]]]
+    if selected_inputs:
+        if len(inputs) > 1 or documents is not None:
+            raise CorpusError(
+                f"{selected_inputs[0]}: {DOCS_SELECTED_FILE} must be the only input, "
+                "so that its split stays the export's"
+            )
+        selected = open_docs_selected(selected_inputs[0], val_docs, log, warn)
+        split_sources = {
+            "train": lambda: iter_docs_selected(selected.path, start=selected.val_docs),
+            "val": lambda: iter_docs_selected(selected.path, stop=selected.val_docs),
+        }
+        log(
+            f"split: export order: the first {selected.val_docs:,} documents are val, the other "
+            f"{selected.num_documents - selected.val_docs:,} train (no shuffle, no de-duplication)"
+        )
+        input_record = {
+            "sources": [str(selected.path)],
+            "documents": selected.num_documents,
+            "text_bytes": None,  # counted while encoding
+            "files_read": 1,
+            "files_skipped": 0,
+            "skipped_files": [],
+            "jsonl_lines_skipped": 0,
+            "empty_documents_skipped": 0,  # kept: each line is a document of the export
+            "duplicate_documents_removed": 0,
+            "docs_selected": {
+                "sha256": selected.sha256,
+                "sha256_checked": selected.sha256_checked,
+                "sidecar": str(selected.sidecar_path) if selected.sidecar_path else None,
+                "docs_val": selected.val_docs,
+                "sidecar_fields": selected.sidecar,
+            },
+        }
     else:
-        collected = collect_documents(inputs, warn)
-        if documents is not None:
-            collected.sources.insert(0, f"{len(documents)} in-memory documents")
-            for document in documents:
-                add_document(document, collected)
-    unique_documents = remove_duplicates(collected.documents)
-    duplicates = len(collected.documents) - len(unique_documents)
-    text_bytes = sum(len(document.encode("utf-8")) for document in unique_documents)
-    if not unique_documents:
-        skipped = f", {len(collected.files_skipped)} file(s) skipped" if collected.files_skipped else ""
-        raise CorpusError(f"no text found in the inputs ({collected.files_read} file(s) read{skipped})")
-    log(
-        f"collect: {len(unique_documents):,} documents, {format_size(text_bytes)} text"
-        + (f" ({duplicates:,} exact duplicates removed)" if duplicates else "")
-        + (f", {len(collected.files_skipped)} file(s) skipped" if collected.files_skipped else "")
-    )
-
-    # --- split ---
-    val_documents, train_documents = split_documents(unique_documents, seed, val_fraction, val_docs)
-    log(f"split: seed {seed}: {len(train_documents):,} train, {len(val_documents):,} val documents")
+        if documents is None and not inputs:
+            log("collect: reading the documentation of this Python (stdlib docstrings, pydoc topics) ...")
+            collected = CollectedText(documents=python_documentation())
+            collected.sources = [
+                f"python-documentation: Python {sys.version.split()[0]} standard-library docstrings "
+                f"(>= {MIN_DOCSTRING_CHARS} characters, tests excluded) and pydoc topics"
+            ]
+        else:
+            collected = collect_documents(inputs, warn)
+            if documents is not None:
+                collected.sources.insert(0, f"{len(documents)} in-memory documents")
+                for document in documents:
+                    add_document(document, collected)
+        unique_documents = remove_duplicates(collected.documents)
+        duplicates = len(collected.documents) - len(unique_documents)
+        text_bytes = sum(len(utf8_bytes(document)) for document in unique_documents)
+        if not unique_documents:
+            skipped = f", {len(collected.files_skipped)} file(s) skipped" if collected.files_skipped else ""
+            raise CorpusError(f"no text found in the inputs ({collected.files_read} file(s) read{skipped})")
+        log(
+            f"collect: {len(unique_documents):,} documents, {format_size(text_bytes)} text"
+            + (f" ({duplicates:,} exact duplicates removed)" if duplicates else "")
+            + (f", {len(collected.files_skipped)} file(s) skipped" if collected.files_skipped else "")
+        )
+        val_documents, train_documents = split_documents(unique_documents, seed, val_fraction, val_docs)
+        split_sources = {"train": lambda: train_documents, "val": lambda: val_documents}
+        log(f"split: seed {seed}: {len(train_documents):,} train, {len(val_documents):,} val documents")
+        input_record = {
+            "sources": collected.sources,
+            "documents": len(unique_documents),
+            "text_bytes": text_bytes,
+            "files_read": collected.files_read,
+            "files_skipped": len(collected.files_skipped),
+            "skipped_files": collected.files_skipped,
+            "jsonl_lines_skipped": collected.jsonl_lines_skipped,
+            "empty_documents_skipped": collected.empty_documents_skipped,
+            "duplicate_documents_removed": duplicates,
+        }
 
     # --- output folders: fail now, before training, if they cannot be written ---
     dataset_dir = output_root / "datasets" / name
@@ -685,40 +947,54 @@ def build_corpus(
     ensure_writable_folder(dataset_dir)
     ensure_writable_folder(tokenizer_dir)
     manifest_path = dataset_dir / "manifest.json"
-    model_path = tokenizer_dir / f"{name}_bpe.model"
+    # The byte descriptor has one fixed name: it is the same file for every byte260 build.
+    tokenizer_path = tokenizer_dir / (BYTE_TOKENIZER_FILE if byte_level else f"{name}_bpe.model")
 
     # --- tokenizer, in memory: if it fails, an earlier build of this name stays as it was ---
-    if tokenizer is not None:
+    if byte_level:
+        built_tokenizer = byte_tokenizer(log)
+    elif tokenizer is not None:
         built_tokenizer = reuse_tokenizer(Path(tokenizer), log)
-        if vocab_size is not None and vocab_size != built_tokenizer.processor.vocab_size():
-            pieces = built_tokenizer.processor.vocab_size()
-            warn(f"--vocab-size {vocab_size} ignored: the tokenizer has {pieces} pieces")
+        if vocab_size is not None and vocab_size != built_tokenizer.vocab_size:
+            warn(f"--vocab-size {vocab_size} ignored: the tokenizer has {built_tokenizer.vocab_size} pieces")
     else:
-        built_tokenizer = train_tokenizer(train_documents, vocab_size, log)
-    processor = built_tokenizer.processor
+        built_tokenizer = train_tokenizer(split_sources["train"](), vocab_size, log)
 
     # --- write: from here on a build that stops half way must not look complete (make demo
     # checks for the manifest), so the old manifest goes first and the new one comes last ---
     manifest_path.unlink(missing_ok=True)
-    write_atomic(model_path, [built_tokenizer.model_bytes])
-    write_atomic(model_path.with_suffix(".vocab"), [built_tokenizer.vocab_bytes])
-    log(f"tokenizer: wrote {display_path(model_path)}")
+    write_atomic(tokenizer_path, [built_tokenizer.model_bytes])
+    if built_tokenizer.vocab_bytes is not None:
+        write_atomic(tokenizer_path.with_suffix(".vocab"), [built_tokenizer.vocab_bytes])
+    log(f"tokenizer: wrote {display_path(tokenizer_path)}")
 
     # --- encode and write ---
     splits = {}
     written: list[Path] = []
-    for split, documents_of_split in (("train", train_documents), ("val", val_documents)):
+    for split in ("train", "val"):
         writer = ShardWriter(dataset_dir, split, shard_tokens, log)
-        split_text_bytes = encode_split(processor, documents_of_split, writer, log)
+        split_documents_count, split_text_bytes = encode_split(built_tokenizer, split_sources[split](), writer, log)
         written.extend(writer.written)
         splits[split] = {
-            "documents": len(documents_of_split),
+            "documents": split_documents_count,
             "tokens": writer.total_tokens,
             "text_bytes": split_text_bytes,
             "shards": [path.name for path in writer.written],
         }
     remove_stale_shards(dataset_dir, written, log)
+    if input_record["text_bytes"] is None:
+        input_record["text_bytes"] = splits["train"]["text_bytes"] + splits["val"]["text_bytes"]
 
+    tokenizer_record: dict[str, object] = {"path": f"tokenizers/{tokenizer_path.name}"}  # relative to the output root
+    if built_tokenizer.vocab_bytes is not None:
+        tokenizer_record["vocab_path"] = f"tokenizers/{tokenizer_path.with_suffix('.vocab').name}"
+    tokenizer_record.update({
+        "sha256": hashlib.sha256(built_tokenizer.model_bytes).hexdigest(),
+        "kind": built_tokenizer.kind,
+        "vocab_size": built_tokenizer.vocab_size,
+        **built_tokenizer.details,
+    })
+    export_order = bool(selected_inputs)
     manifest = {
         "name": name,
         "created_by": "data/build_local_corpus.py",
@@ -731,31 +1007,16 @@ def build_corpus(
             "documents_start_with_bos": True,
             "eos_appended": False,
         },
-        "inputs": {
-            "sources": collected.sources,
-            "documents": len(unique_documents),
-            "text_bytes": text_bytes,
-            "files_read": collected.files_read,
-            "files_skipped": len(collected.files_skipped),
-            "skipped_files": collected.files_skipped,
-            "jsonl_lines_skipped": collected.jsonl_lines_skipped,
-            "empty_documents_skipped": collected.empty_documents_skipped,
-            "duplicate_documents_removed": duplicates,
-        },
+        "inputs": input_record,
         "splits": splits,  # token counts include one BOS per document
-        "tokenizer": {
-            "path": f"tokenizers/{model_path.name}",  # relative to the output root
-            "vocab_path": f"tokenizers/{model_path.with_suffix('.vocab').name}",
-            "sha256": hashlib.sha256(built_tokenizer.model_bytes).hexdigest(),
-            "vocab_size": processor.vocab_size(),
-            **built_tokenizer.details,
-        },
+        "tokenizer": tokenizer_record,
         "settings": {
-            "seed": seed,
-            "val_fraction": None if val_docs is not None else val_fraction,
-            "val_docs": val_docs,
+            "split": "export order: the first val_docs documents" if export_order else "seeded shuffle",
+            "seed": None if export_order else seed,
+            "val_fraction": None if export_order or val_docs is not None else val_fraction,
+            "val_docs": splits["val"]["documents"] if export_order else val_docs,
             "shard_tokens": shard_tokens,
-            "vocab_size": processor.vocab_size(),
+            "vocab_size": built_tokenizer.vocab_size,
         },
     }
     write_atomic(manifest_path, [(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")])
@@ -767,11 +1028,11 @@ def build_corpus(
             f"  {split:<5} {counts['documents']:>9,} documents {counts['tokens']:>12,} tokens "
             f"in {len(counts['shards'])} shard(s): {display_path(dataset_dir)}/fineweb_{split}_*.bin"
         )
-    log(f"  tokenizer {display_path(model_path)} (vocab {processor.vocab_size()})")
+    log(f"  tokenizer {display_path(tokenizer_path)} ({built_tokenizer.kind}, vocab {built_tokenizer.vocab_size})")
     log(f"  manifest  {display_path(manifest_path)}")
     log(
-        f"train with: DATA_PATH={display_path(dataset_dir)} TOKENIZER_PATH={display_path(model_path)} "
-        f"VOCAB_SIZE={processor.vocab_size()} python3 train_gpt_jepa.py"
+        f"train with: DATA_PATH={display_path(dataset_dir)} TOKENIZER_PATH={display_path(tokenizer_path)} "
+        f"VOCAB_SIZE={built_tokenizer.vocab_size} python3 train_gpt_jepa.py"
     )
     return manifest
 
@@ -790,7 +1051,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "inputs", nargs="*", type=Path, metavar="INPUT",
         help=".txt/.md/.rst files (one document each), folders (recursive), JSONL files with a \"text\" field",
     )
-    parser.add_argument("--name", default=DEFAULT_NAME, help="dataset name (default: %(default)s)")
+    parser.add_argument(
+        "--name", default=None,
+        help=f"dataset name (default: {DEFAULT_NAME}, or {DEFAULT_BYTE_NAME} with --tokenizer {BYTE_TOKENIZER_NAME})",
+    )
     parser.add_argument(
         "--output-root", type=Path, default=DEFAULT_OUTPUT_ROOT,
         help="folder that receives datasets/<name>/ and tokenizers/ (default: this script's folder, data/)",
@@ -800,15 +1064,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"BPE vocab size to train (default: {DEFAULT_VOCAB_SIZE}; with --tokenizer, the model's)",
     )
     parser.add_argument(
-        "--tokenizer", type=Path, default=None,
-        help="reuse this SentencePiece .model (e.g. fineweb_1024_bpe.model) instead of training one",
+        "--tokenizer", default=None, metavar="PATH|byte260",
+        help="reuse this SentencePiece .model (e.g. fineweb_1024_bpe.model) instead of training one, or "
+        f"{BYTE_TOKENIZER_NAME}: the challenge's byte-level tokenizer (UTF-8 bytes, vocab {BYTE_VOCAB_SIZE})",
     )
     val_group = parser.add_mutually_exclusive_group()
     val_group.add_argument(
         "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
         help="fraction of the shuffled documents that form val (default: %(default)s)",
     )
-    val_group.add_argument("--val-docs", type=int, default=None, help="number of documents that form val")
+    val_group.add_argument(
+        "--val-docs", type=int, default=None,
+        help=f"number of documents that form val (for {DOCS_SELECTED_FILE}: its sidecar's docs_val by default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default: %(default)s)")
     parser.add_argument(
         "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,

@@ -578,6 +578,189 @@ def test_default_build_from_the_command_line(tmp_path):
 
 
 # =============================================================================
+# byte260 builds and the export's docs_selected.jsonl
+# =============================================================================
+
+# The challenge's descriptor, written out by hand: the test pins the exact file content.
+BYTE260_DESCRIPTOR_TEXT = """{
+  "config": {
+    "bos_id": 1,
+    "byte_count": 256,
+    "byte_offset": 4,
+    "eos_id": 2,
+    "pad_id": 0,
+    "unk_id": 3
+  },
+  "tokenizer_type": "pure_byte",
+  "vocab_size": 260
+}
+"""
+
+
+def byte_documents(tokens: np.ndarray) -> list[bytes]:
+    """Each document of a byte260 stream as the bytes it encodes (id - 4); BOS dropped."""
+    return [bytes((document.astype(np.int64) - 4).astype(np.uint8)) for document in documents_of(tokens)]
+
+
+def write_docs_selected(folder: Path, texts: list[str], docs_val: int | None, sha256: str | None = "file",
+                        sidecar: bool = True) -> Path:
+    """A docs_selected.jsonl in the export's shape (raw non-ASCII), with its sidecar beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "docs_selected.jsonl"
+    path.write_bytes("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts).encode("utf-8"))
+    if sidecar:
+        fields = {"num_docs": len(texts), "shuffle_seed": 1337}
+        if docs_val is not None:
+            fields["docs_val"] = docs_val
+        if sha256 is not None:
+            fields["docs_sha256"] = corpus.sha256_file(path) if sha256 == "file" else sha256
+        (folder / "docs_selected.source_manifest.json").write_text(json.dumps(fields), encoding="utf-8")
+    return path
+
+
+# Export-like documents: duplicates and an empty text stay (the export keeps every line), a
+# U+2028 inside a record must not split it, and the val documents come first.
+SELECTED_DOCUMENTS = [
+    f"Selected document {index}: " + CRAFTED_DOCUMENTS[index % len(CRAFTED_DOCUMENTS)] for index in range(30)
+] + [CRAFTED_DOCUMENTS[0], CRAFTED_DOCUMENTS[0], "", "line\u2028separator and \u0085 next-line inside one record"]
+
+
+def test_byte260_shards_decode_to_the_documents_byte_exactly(tmp_path, python_docs):
+    documents = python_docs[:300] + CRAFTED_DOCUMENTS
+    manifest = corpus.build_corpus(documents=documents, name="test_byte260", output_root=tmp_path,
+                                   tokenizer="byte260", val_docs=30, log=quiet)
+    decoded = {}
+    for split in ("train", "val"):
+        tokens = split_tokens(tmp_path, "test_byte260", split)
+        assert tokens[0] == 1 and int(tokens.max()) < 260
+        assert not np.isin(tokens, [0, 2, 3]).any()  # no pad, no EOS, nothing unknown
+        assert int((tokens == 1).sum()) == manifest["splits"][split]["documents"]
+        decoded[split] = byte_documents(tokens)
+        # One token per UTF-8 byte, plus one BOS per document.
+        assert manifest["splits"][split]["tokens"] == manifest["splits"][split]["text_bytes"] + len(decoded[split])
+    expected = collections.Counter(text.encode("utf-8") for text in set(documents))
+    assert collections.Counter(decoded["train"] + decoded["val"]) == expected
+    assert len(decoded["val"]) == 30 and "😀".encode("utf-8") in b"".join(decoded["train"] + decoded["val"])
+
+    descriptor = tmp_path / "tokenizers" / "pure_byte_260.json"
+    assert descriptor.read_text(encoding="utf-8") == BYTE260_DESCRIPTOR_TEXT
+    assert manifest["tokenizer"] == {
+        "path": "tokenizers/pure_byte_260.json", "sha256": corpus.sha256_file(descriptor), "kind": "byte",
+        "vocab_size": 260, "trained": False, "source": "byte260",
+    }
+    assert manifest["settings"]["vocab_size"] == 260
+    assert sorted(p.name for p in (tmp_path / "tokenizers").iterdir()) == ["pure_byte_260.json"]  # no .model
+    # --vocab-size 260 names the byte vocab and is accepted.
+    corpus.build_corpus(documents=documents[:20], name="byte_again", output_root=tmp_path, tokenizer="byte260",
+                        vocab_size=260, val_docs=2, log=quiet)
+
+
+def test_byte260_from_the_command_line_defaults_to_local_byte260(tmp_path):
+    for index, text in enumerate(CRAFTED_DOCUMENTS[:4]):
+        (tmp_path / f"doc{index}.txt").write_text(text, encoding="utf-8")
+    result = run_script(BUILD_SCRIPT, *(str(tmp_path / f"doc{i}.txt") for i in range(4)),
+                        "--output-root", str(tmp_path / "out"), "--tokenizer", "byte260", "--val-docs", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "datasets" / "local_byte260" / "manifest.json").read_text())
+    assert manifest["name"] == "local_byte260" and manifest["tokenizer"]["kind"] == "byte"
+    assert "TOKENIZER_PATH=" in result.stdout and "pure_byte_260.json VOCAB_SIZE=260" in result.stdout
+    assert not (tmp_path / "out" / "datasets" / "local_sp1024").exists()
+
+
+def test_sentencepiece_build_at_vocab_512(tmp_path, python_docs):
+    manifest = corpus.build_corpus(documents=python_docs[:400], name="sp512", output_root=tmp_path,
+                                   vocab_size=512, val_docs=40, log=quiet)
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizers" / "sp512_bpe.model"))
+    assert processor.vocab_size() == 512
+    assert manifest["tokenizer"]["kind"] == "sentencepiece" and manifest["tokenizer"]["vocab_size"] == 512
+    assert manifest["tokenizer"]["vocab_path"] == "tokenizers/sp512_bpe.vocab"
+    for split in ("train", "val"):
+        tokens = split_tokens(tmp_path, "sp512", split)
+        assert int(tokens.max()) < 512 and int((tokens == 1).sum()) == manifest["splits"][split]["documents"]
+
+
+def test_jsonl_records_are_split_at_newlines_only(tmp_path):
+    path = tmp_path / "records.jsonl"
+    texts = ["one\u2028two", "three\u0085four", "five\x1cX"]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    collected = corpus.collect_documents([path], warn=quiet)
+    assert collected.documents == texts and collected.jsonl_lines_skipped == 0
+
+
+def test_docs_selected_keeps_the_export_order_and_split(tmp_path):
+    path = write_docs_selected(tmp_path / "export", SELECTED_DOCUMENTS, docs_val=12)
+    result = run_script(BUILD_SCRIPT, str(path), "--output-root", str(tmp_path / "out"), "--tokenizer", "byte260",
+                        "--name", "selected_byte260", "--shard-tokens", "500")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    root = tmp_path / "out"
+    manifest = json.loads((root / "datasets" / "selected_byte260" / "manifest.json").read_text())
+    # The first docs_val lines are val, the others train, each in file order: no shuffle, no
+    # de-duplication, the empty document kept as a lone BOS.
+    expected = [text.encode("utf-8") for text in SELECTED_DOCUMENTS]
+    assert byte_documents(split_tokens(root, "selected_byte260", "val")) == expected[:12]
+    assert byte_documents(split_tokens(root, "selected_byte260", "train")) == expected[12:]
+    assert len(manifest["splits"]["train"]["shards"]) > 1  # the streamed writer cuts shards as usual
+    assert manifest["splits"]["val"]["documents"] == 12 and manifest["settings"]["val_docs"] == 12
+    assert manifest["settings"]["split"].startswith("export order") and manifest["settings"]["seed"] is None
+    selected = manifest["inputs"]["docs_selected"]
+    assert selected["sha256"] == corpus.sha256_file(path) and selected["sha256_checked"] is True
+    assert manifest["inputs"]["documents"] == len(SELECTED_DOCUMENTS)
+    assert manifest["inputs"]["duplicate_documents_removed"] == 0
+    assert manifest["inputs"]["text_bytes"] == sum(len(text) for text in expected)
+
+
+def test_docs_selected_with_a_trained_tokenizer_and_given_val_docs(tmp_path, python_docs):
+    # No sidecar: --val-docs gives the split (with a warning that nothing was checked); the
+    # tokenizer is trained on the streamed train documents only.
+    texts = python_docs[:300]
+    path = write_docs_selected(tmp_path / "export", texts, docs_val=None, sidecar=False)
+    warnings = []
+    manifest = corpus.build_corpus(inputs=[path], name="selected_sp", output_root=tmp_path / "out",
+                                   vocab_size=400, val_docs=25, log=quiet, warn=warnings.append)
+    assert any("sha256 not checked" in warning for warning in warnings)
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / manifest["tokenizer"]["path"]))
+    val = split_tokens(tmp_path / "out", "selected_sp", "val")
+    expected = [t for text in texts[:25] for t in [1] + processor.encode(text)]
+    np.testing.assert_array_equal(val, np.array(expected, dtype=np.uint16))
+    assert manifest["splits"]["train"]["documents"] == 275
+    assert manifest["tokenizer"]["training_lines"] == len(corpus.training_sentences(texts[25:])[0])
+
+
+@pytest.mark.parametrize(
+    "case, extra_args, phrases",
+    [
+        ("sha_mismatch", [], ["sha256", "does not match docs_sha256", "--with-docs"]),
+        ("conflicting_val_docs", ["--val-docs", "5"], ["--val-docs 5", "docs_val 12", "leave --val-docs out"]),
+        ("no_sidecar", [], ["no docs_val", "--val-docs"]),
+        ("docs_val_too_large", [], ["docs_val 34", "each split"]),
+        ("bad_line", [], ["line 3", "text"]),
+        ("with_other_input", [], ["must be the only input"]),
+        ("vocab_with_byte260", ["--vocab-size", "1024"], ["--vocab-size 1024", "byte260", "260 ids"]),
+    ],
+)
+def test_error_docs_selected_and_byte260(tmp_path, case, extra_args, phrases):
+    texts = list(SELECTED_DOCUMENTS)
+    docs_val = {"docs_val_too_large": len(texts)}.get(case, 12)
+    if case == "bad_line":
+        texts[2] = None  # written as {"text": null}
+    path = write_docs_selected(tmp_path / "export", texts, docs_val=docs_val,
+                               sha256="0" * 64 if case == "sha_mismatch" else "file", sidecar=case != "no_sidecar")
+    inputs = [str(path)]
+    if case == "with_other_input":
+        (tmp_path / "other.txt").write_text("more text", encoding="utf-8")
+        inputs.append(str(tmp_path / "other.txt"))
+    result = run_script(BUILD_SCRIPT, *inputs, "--output-root", str(tmp_path / "out"), "--tokenizer", "byte260",
+                        *extra_args)
+    assert_one_error_line(result, *phrases)
+    if case != "bad_line":  # a bad line is met while streaming; everything else before any output
+        assert not (tmp_path / "out").exists()
+    else:
+        assert not (tmp_path / "out" / "datasets" / "local_byte260" / "manifest.json").exists()
+
+
+
+# =============================================================================
 # Downloader
 # =============================================================================
 
@@ -615,7 +798,7 @@ def test_downloader_lays_out_the_challenge_files(tmp_path):
 
     def fetch(remote_path: str, staging: Path) -> Path:  # what hf_hub_download(local_dir=...) does
         fetched.append(remote_path)
-        target = staging / downloader.REMOTE_ROOT / remote_path
+        target = staging / downloader.DEFAULT_REMOTE_ROOT / remote_path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(remote / remote_path, target)
         return target
@@ -655,7 +838,7 @@ def test_downloader_rejects_unexpected_manifests(tmp_path):
         downloader.plan_downloads(good, "sp1024", 6, tmp_path)
     bad_manifests = [
         [],
-        {"datasets": []},
+        {"datasets": {}},
         {"datasets": [{"name": "fineweb10B_sp1024", "stats": {}}]},
         {**good, "tokenizers": []},
         {**good, "tokenizers": [{"name": "t", "model_path": "../../etc/passwd"}]},
@@ -663,22 +846,15 @@ def test_downloader_rejects_unexpected_manifests(tmp_path):
     for bad in bad_manifests:
         with pytest.raises(downloader.DownloadError, match="unexpected manifest"):
             downloader.plan_downloads(bad, "sp1024", None, tmp_path)
+    with pytest.raises(downloader.DownloadError, match="which lists: no fineweb10B_"):
+        downloader.plan_downloads({"datasets": []}, "sp1024", None, tmp_path)
 
 
-def test_downloader_fails_fast_without_network(tmp_path):
-    pytest.importorskip("huggingface_hub", reason="huggingface_hub not installed (requirements.txt lists it)")
-    started = time.perf_counter()
-    # Nothing listens on port 9 (discard): the connection is refused at once.
-    result = run_script(DOWNLOAD_SCRIPT, "--variant", "sp1024", "--output-root", str(tmp_path),
-                        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
-                             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
-    assert time.perf_counter() - started < 15  # hf_hub_download alone retries for ~25 s
-    assert_one_error_line(result, "cannot reach", "python3 data/build_local_corpus.py")
-
-
-def test_downloader_rejects_unknown_variant():
-    result = run_script(DOWNLOAD_SCRIPT, "--variant", "sp2048")
-    assert result.returncode == 2 and "sp1024" in result.stderr and "Traceback" not in result.stderr
+def test_downloader_rejects_a_malformed_variant_before_any_network():
+    # Checked before huggingface_hub is imported or the hub probed: no network settings needed.
+    for variant in ("gpt2", "sp0", "sp", "byte256"):
+        result = run_script(DOWNLOAD_SCRIPT, "--variant", variant)
+        assert_one_error_line(result, f"--variant {variant!r}", "sp<N>", "byte260")
 
 
 def test_huggingface_hub_is_imported_only_by_the_downloader_main():
@@ -702,3 +878,218 @@ def test_downloader_defaults_to_the_challenge_80_train_shards(tmp_path):
     }
     items = downloader.plan_downloads(manifest, "sp1024", None, tmp_path)
     assert sum("fineweb_train_" in item.remote for item in items) == 80
+
+
+# -----------------------------------------------------------------------------
+# Downloader against a stub hub: a fake huggingface_hub whose hf_hub_download serves files
+# from temporary folders, one per repo id. None of this has run against the real hub.
+# -----------------------------------------------------------------------------
+
+
+class EntryNotFoundError(Exception):
+    """Named like huggingface_hub's: the downloader recognises a missing file by the name."""
+
+
+class StubHub:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.downloads: list[tuple[str, str]] = []  # (repo_id, filename inside the repo)
+        self.probed: list[str] = []
+
+    def repo(self, repo_id: str) -> Path:
+        return self.folder / repo_id
+
+    def hf_hub_download(self, repo_id: str, repo_type: str, filename: str, local_dir: Path) -> str:
+        assert repo_type == "dataset"
+        self.downloads.append((repo_id, filename))
+        source = self.repo(repo_id) / filename
+        if not source.is_file():
+            raise EntryNotFoundError(f"404 {repo_id}/{filename}")
+        target = Path(local_dir) / filename  # where hf_hub_download(local_dir=...) puts it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return str(target)
+
+    def check_reachable(self, source) -> None:
+        self.probed.append(source.repo_id)
+
+
+@pytest.fixture
+def stub_hub(tmp_path, monkeypatch) -> StubHub:
+    hub = StubHub(tmp_path / "hub")
+    module = ModuleType("huggingface_hub")
+    module.hf_hub_download = hub.hf_hub_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", module)
+    monkeypatch.setattr(downloader, "check_hub_reachable", hub.check_reachable)
+    for key, value in downloader.HUB_TIMEOUT_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)  # main() sets them; the fixture restores the environment after
+    for key in (downloader.REPO_ID_ENVIRONMENT, downloader.REMOTE_ROOT_ENVIRONMENT):
+        monkeypatch.delenv(key, raising=False)
+    return hub
+
+
+def write_export(root: Path, variants: dict[str, int], documents: list[str] | None = None,
+                 docs_val: int = 0, docs_sha256: str | None = "file") -> None:
+    """An export in the challenge's shape under `root` (the remote root): manifest.json,
+    datasets/fineweb10B_<variant>/ shards (random ids below the vocab, one val shard),
+    tokenizers/ files, and optionally docs_selected.jsonl with its sidecar."""
+    manifest: dict[str, list] = {"datasets": [], "tokenizers": []}
+    for variant, train_shards in variants.items():
+        dataset_dir = root / "datasets" / f"fineweb10B_{variant}"
+        dataset_dir.mkdir(parents=True)
+        (root / "tokenizers").mkdir(exist_ok=True)
+        if variant == "byte260":
+            vocab, kind, tokenizer_name = 260, "byte", "pure_byte_260"
+            entry = {"name": tokenizer_name, "kind": kind, "path": "tokenizers/fineweb_pure_byte_260.json"}
+            (root / entry["path"]).write_text(BYTE260_DESCRIPTOR_TEXT, encoding="utf-8")
+        else:
+            vocab, kind, tokenizer_name = int(variant[2:]), "sentencepiece", f"sp_bpe_{variant[2:]}"
+            entry = {"name": tokenizer_name, "kind": kind, "model_path": f"tokenizers/fineweb_{vocab}_bpe.model",
+                     "vocab_path": f"tokenizers/fineweb_{vocab}_bpe.vocab"}
+            (root / entry["model_path"]).write_bytes(f"stub model {variant}".encode())
+            (root / entry["vocab_path"]).write_bytes(f"stub vocab {variant}".encode())
+        manifest["tokenizers"].append(entry)
+        manifest["datasets"].append({"name": f"fineweb10B_{variant}", "tokenizer_name": tokenizer_name,
+                                     "tokenizer_kind": kind, "vocab_size": vocab,
+                                     "stats": {"files_train": train_shards, "files_val": 1}})
+        generator = np.random.default_rng(vocab)
+        for split, count in (("val", 1), ("train", train_shards)):
+            for index in range(count):
+                tokens = generator.integers(4, vocab, size=200 + index).astype("<u2")
+                tokens[0] = 1
+                shard = dataset_dir / f"fineweb_{split}_{index:06d}.bin"
+                shard.write_bytes(corpus.shard_header(len(tokens)).tobytes() + tokens.tobytes())
+    if documents is not None:
+        write_docs_selected(root, documents, docs_val=docs_val, sha256=docs_sha256)
+    (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+CHALLENGE_REPO = "willdepueoai/parameter-golf"
+CHALLENGE_VARIANTS = {"byte260": 2, "sp512": 1, "sp1024": 3, "sp2048": 1, "sp4096": 3}
+
+
+def test_downloader_sp4096_and_byte260_layouts(tmp_path, stub_hub, capsys):
+    remote = stub_hub.repo(CHALLENGE_REPO) / "datasets"
+    write_export(remote, CHALLENGE_VARIANTS)
+    output_root = tmp_path / "data"
+    for variant, tokenizer_file, kind, vocab in (
+        ("sp4096", "fineweb_4096_bpe.model", "sentencepiece", 4096),
+        ("byte260", "fineweb_pure_byte_260.json", "byte", 260),
+    ):
+        assert downloader.main(["--variant", variant, "--train-shards", "2", "--output-root", str(output_root)]) == 0
+        dataset_dir = output_root / "datasets" / f"fineweb10B_{variant}"
+        assert sorted(p.name for p in dataset_dir.glob("*.bin")) == [
+            "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"
+        ]
+        for shard in dataset_dir.glob("*.bin"):
+            assert shard.read_bytes() == (remote / "datasets" / dataset_dir.name / shard.name).read_bytes()
+        tokenizer = output_root / "tokenizers" / tokenizer_file
+        assert tokenizer.read_bytes() == (remote / "tokenizers" / tokenizer_file).read_bytes()
+        manifest = json.loads((dataset_dir / "manifest.json").read_text())
+        assert manifest["tokenizer"] == {"path": f"tokenizers/{tokenizer_file}",
+                                         "sha256": corpus.sha256_file(tokenizer), "kind": kind,
+                                         "vocab_size": vocab, "trained": False}
+        assert manifest["source"] == {"repo_id": CHALLENGE_REPO, "repo_type": "dataset", "remote_root": "datasets",
+                                      "variant": variant}
+        assert f"VOCAB_SIZE={vocab}" in capsys.readouterr().out
+    assert (output_root / "tokenizers" / "fineweb_4096_bpe.vocab").is_file()
+    assert json.loads((output_root / "tokenizers" / "fineweb_pure_byte_260.json").read_text())["vocab_size"] == 260
+    assert {repo for repo, _ in stub_hub.downloads} == {CHALLENGE_REPO} and stub_hub.probed == [CHALLENGE_REPO] * 2
+    assert all(filename.startswith("datasets/") for _, filename in stub_hub.downloads)
+
+
+def test_downloader_sp8192_from_another_repo_and_root(tmp_path, stub_hub, monkeypatch, capsys):
+    write_export(stub_hub.repo(CHALLENGE_REPO) / "datasets", CHALLENGE_VARIANTS)
+    fork = "someone/parameter-golf-sp8192"
+    write_export(stub_hub.repo(fork) / "exports", {"sp8192": 2})
+    output_root = tmp_path / "data"
+    arguments = ["--variant", "sp8192", "--train-shards", "1", "--output-root", str(output_root)]
+    # The challenge's repo has no sp8192: refused, naming what it does list.
+    assert downloader.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.count("error: ") == 1 and "sp8192" in error
+    assert "which lists: byte260, sp512, sp1024, sp2048, sp4096" in error
+    # --repo-id and --remote-root, then the same through the environment overrides.
+    assert downloader.main([*arguments, "--repo-id", fork, "--remote-root", "exports/"]) == 0
+    assert stub_hub.downloads[-1] == (fork, "exports/tokenizers/fineweb_8192_bpe.vocab")
+    manifest = json.loads((output_root / "datasets" / "fineweb10B_sp8192" / "manifest.json").read_text())
+    assert manifest["source"]["repo_id"] == fork and manifest["source"]["remote_root"] == "exports"
+    assert manifest["tokenizer"]["path"] == "tokenizers/fineweb_8192_bpe.model"
+    shutil.rmtree(output_root)
+    monkeypatch.setenv(downloader.REPO_ID_ENVIRONMENT, fork)
+    monkeypatch.setenv(downloader.REMOTE_ROOT_ENVIRONMENT, "exports")
+    stub_hub.downloads.clear()
+    assert downloader.main(arguments) == 0
+    assert {repo for repo, _ in stub_hub.downloads} == {fork} and stub_hub.probed[-1] == fork
+    assert (output_root / "datasets" / "fineweb10B_sp8192" / "fineweb_train_000000.bin").is_file()
+
+
+def test_downloader_with_docs_checks_the_sha256_and_retokenises(tmp_path, stub_hub, capsys):
+    remote = stub_hub.repo(CHALLENGE_REPO) / "datasets"
+    write_export(remote, CHALLENGE_VARIANTS, documents=SELECTED_DOCUMENTS, docs_val=12)
+    output_root = tmp_path / "data"
+    # Documents only: no --variant.
+    assert downloader.main(["--with-docs", "--output-root", str(output_root)]) == 0
+    out = capsys.readouterr().out
+    docs = output_root / "docs_selected.jsonl"
+    assert docs.read_bytes() == (remote / "docs_selected.jsonl").read_bytes()
+    assert (output_root / "docs_selected.source_manifest.json").read_bytes() == (
+        remote / "docs_selected.source_manifest.json").read_bytes()
+    assert "sha256 matches the sidecar" in out and "python3 data/build_local_corpus.py" in out and "byte260" in out
+    assert not (output_root / "datasets" / ".hub_download").exists()
+    # A rerun with a variant: the documents are verified in place, not fetched again.
+    stub_hub.downloads.clear()
+    assert downloader.main(["--variant", "byte260", "--train-shards", "0", "--with-docs",
+                            "--output-root", str(output_root)]) == 0
+    assert ("willdepueoai/parameter-golf", "datasets/docs_selected.jsonl") not in stub_hub.downloads
+    assert "already present" in capsys.readouterr().out
+    # The printed retokenising reproduces the export's split.
+    manifest = corpus.build_corpus(inputs=[docs], name="retokenised", output_root=output_root, tokenizer="byte260",
+                                   log=quiet)
+    assert manifest["splits"]["val"]["documents"] == 12
+    expected = [text.encode("utf-8") for text in SELECTED_DOCUMENTS]
+    assert byte_documents(split_tokens(output_root, "retokenised", "val")) == expected[:12]
+
+
+def test_downloader_with_docs_refuses_a_sha256_mismatch(tmp_path, stub_hub, capsys):
+    remote = stub_hub.repo(CHALLENGE_REPO) / "datasets"
+    write_export(remote, CHALLENGE_VARIANTS, documents=SELECTED_DOCUMENTS, docs_val=12, docs_sha256="ab" * 32)
+    output_root = tmp_path / "data"
+    assert downloader.main(["--with-docs", "--output-root", str(output_root)]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "does not match" in error_lines[0] and "ab" * 32 in error_lines[0]
+    # Neither file in place, and both downloads deleted from staging.
+    assert not list(output_root.rglob("docs_selected*"))
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--variant", "sp1024"],
+        ["--variant", "byte260", "--train-shards", "1"],
+        ["--variant", "sp8192", "--repo-id", "someone/parameter-golf-sp8192", "--remote-root", "exports"],
+        ["--with-docs"],
+        ["--variant", "sp4096", "--with-docs"],
+    ],
+)
+def test_downloader_fails_fast_without_network(tmp_path, arguments):
+    pytest.importorskip("huggingface_hub", reason="huggingface_hub not installed (requirements.txt lists it)")
+    started = time.perf_counter()
+    # Nothing listens on port 9 (discard): the connection is refused at once.
+    result = run_script(DOWNLOAD_SCRIPT, *arguments, "--output-root", str(tmp_path),
+                        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
+                             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    assert time.perf_counter() - started < 15  # hf_hub_download alone retries for ~25 s
+    assert_one_error_line(result, "cannot reach", "python3 data/build_local_corpus.py")
+    assert not list(tmp_path.iterdir())  # nothing written before the hub answered
+
+
+def test_downloader_argument_combinations(tmp_path):
+    result = run_script(DOWNLOAD_SCRIPT, "--output-root", str(tmp_path))
+    assert result.returncode == 2 and "--variant is required" in result.stderr and "--with-docs" in result.stderr
+    result = run_script(DOWNLOAD_SCRIPT, "--with-docs", "--train-shards", "2")
+    assert result.returncode == 2 and "--train-shards needs --variant" in result.stderr
+    result = run_script(DOWNLOAD_SCRIPT, "--variant", "sp1024", "--repo-id", "not a repo")
+    assert_one_error_line(result, "--repo-id 'not a repo'")
+    result = run_script(DOWNLOAD_SCRIPT, "--variant", "sp1024", "--remote-root", "../elsewhere")
+    assert_one_error_line(result, "--remote-root", "..")
