@@ -36,6 +36,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ class Hyperparameters:
     vicreg_cov_weight: float = 0.04  # VICReg off-diagonal covariance penalty
     sigreg_weight: float = 0.1  # SIGReg (LeJEPA) weight when ANTI_COLLAPSE=sigreg
     sigreg_slices: int = 256  # random 1-D projections tested against N(0, 1) per step
+    sigreg_max_rows: int = 8192  # SIGReg reads every k-th latent row, at most this many (0 = all rows)
     collapse_std_floor: float = 0.1  # target latent std below this on a log step is reported as collapse (untrained: ~0.58)
 
     # ---- artifact ----
@@ -391,6 +393,9 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.bigram_vocab_size == 0 or hp.bigram_vocab_size >= 2,
              f"BIGRAM_VOCAB_SIZE={hp.bigram_vocab_size} must be 0 (off) or at least 2")
     _require(hp.bigram_vocab_size == 0 or hp.bigram_dim > 0, f"BIGRAM_DIM={hp.bigram_dim} must be positive")
+    _require(hp.num_layers >= 2 or world_size == 1,
+             f"NUM_LAYERS={hp.num_layers} with {world_size} processes: use at least 2 layers (one layer has no U-Net "
+             f"skip, an empty parameter DDP would wait for)")
     _require(0 <= hp.xsa_last_n <= hp.num_layers,
              f"XSA_LAST_N={hp.xsa_last_n} must be between 0 and NUM_LAYERS={hp.num_layers}")
     _require(hp.compile in (-1, 0, 1), f"COMPILE={hp.compile} must be -1 (auto), 0 or 1")
@@ -456,6 +461,7 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.jepa_span_mean >= 1, f"JEPA_SPAN_MEAN={hp.jepa_span_mean} must be >= 1")
     _require(hp.jepa_pred_mult > 0, f"JEPA_PRED_MULT={hp.jepa_pred_mult} must be positive")
     _require(hp.sigreg_slices > 0, f"SIGREG_SLICES={hp.sigreg_slices} must be positive")
+    _require(hp.sigreg_max_rows >= 0, f"SIGREG_MAX_ROWS={hp.sigreg_max_rows} must be 0 (all rows) or positive")
     validate_record_stack(hp)
     validate_export_and_ttt(hp)
     return grad_accum_steps
@@ -627,8 +633,8 @@ class Muon(torch.optim.Optimizer):
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256  # little-endian int32: magic, version, token count, then zeros
-BOS_ID = 1  # every document starts with <s>
-DATA_FIX_HINT = ("download the official data (python3 data/cached_challenge_fineweb.py --variant sp1024) "
+DATA_FIX_HINT = ("download the official data (python3 data/cached_challenge_fineweb.py --variant sp1024, or "
+                 "sp<N>/byte260) "
                  "or build a local corpus (python3 data/build_local_corpus.py) and point DATA_PATH at it")
 
 
@@ -771,15 +777,86 @@ def build_sentencepiece_luts(
     )
 
 
-def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """The challenge's byte260 tokenizer (its data/tokenizers/fineweb_pure_byte_260.json): four
+    special ids (pad 0, bos 1, eos 2, unk 3), then byte b of the UTF-8 text at id byte_offset + b."""
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 3
+    byte_offset: int = 4
+    byte_count: int = 256
+
+    @property
+    def vocab_size(self) -> int:
+        return self.byte_offset + self.byte_count
+
+
+Tokenizer = spm.SentencePieceProcessor | ByteTokenizer
+
+
+def build_byte_luts(tokenizer: ByteTokenizer, vocab_size: int,
+                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """The same three tables as build_sentencepiece_luts for a byte tokenizer: one byte per byte
+    id, none for the special ids (BOS decodes to no text), no leading-space rule."""
+    table_size = max(tokenizer.vocab_size, vocab_size)
+    is_byte = torch.zeros(table_size, dtype=torch.bool)
+    is_byte[tokenizer.byte_offset:tokenizer.byte_offset + tokenizer.byte_count] = True
+    return (is_byte.to(torch.int16).to(device), torch.zeros(table_size, dtype=torch.bool, device=device),
+            (~is_byte).to(device))
+
+
+def build_bpb_luts(tokenizer: Tokenizer, vocab_size: int,
+                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """val_bpb's byte-count tables for either kind of tokenizer."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return build_byte_luts(tokenizer, vocab_size, device)
+    return build_sentencepiece_luts(tokenizer, vocab_size, device)
+
+
+def load_byte_tokenizer(path: Path) -> ByteTokenizer:
+    """Read a byte tokenizer descriptor: {"tokenizer_type": "pure_byte", "config": {...}}."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"tokenizer {path} is not a readable JSON descriptor ({error}): rebuild it with "
+                          f"python3 data/build_local_corpus.py --tokenizer byte260") from None
+    if not isinstance(payload, dict) or payload.get("tokenizer_type") != "pure_byte":
+        kind = payload.get("tokenizer_type") if isinstance(payload, dict) else None
+        raise ConfigError(f"tokenizer {path} has tokenizer_type {kind!r}; this trainer reads SentencePiece .model "
+                          f"files and pure_byte .json descriptors (the challenge's byte260)")
+    config = payload.get("config", {})
+    names = [field.name for field in dataclasses.fields(ByteTokenizer)]
+    try:
+        tokenizer = ByteTokenizer(**{name: int(config[name]) for name in names if name in config})
+    except (TypeError, ValueError):
+        raise ConfigError(f"tokenizer {path}: its config {config!r} must hold integer {', '.join(names)}") from None
+    if tokenizer.byte_count != 256 or tokenizer.byte_offset < 0:
+        raise ConfigError(f"tokenizer {path} maps {tokenizer.byte_count} bytes from id {tokenizer.byte_offset}: "
+                          f"a byte tokenizer needs all 256 byte values")
+    return tokenizer
+
+
+def load_tokenizer(hp: Hyperparameters) -> Tokenizer:
+    """TOKENIZER_PATH: a SentencePiece .model, or a byte tokenizer's .json descriptor."""
     path = Path(hp.tokenizer_path)
     if not path.is_file():
-        raise ConfigError(f"tokenizer {path} not found: {DATA_FIX_HINT}, and set TOKENIZER_PATH to its .model")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    if int(sp.vocab_size()) != hp.vocab_size:
-        raise ConfigError(f"tokenizer {path} has {int(sp.vocab_size())} pieces but VOCAB_SIZE={hp.vocab_size}: "
-                          f"set VOCAB_SIZE={int(sp.vocab_size())} or use the tokenizer the shards were built with")
-    return sp
+        raise ConfigError(f"tokenizer {path} not found: {DATA_FIX_HINT}, and set TOKENIZER_PATH to its .model "
+                          f"(or its .json descriptor for byte260)")
+    if path.suffix == ".json":
+        tokenizer: Tokenizer = load_byte_tokenizer(path)
+        if tokenizer.bos_id != hp.bos_id:
+            raise ConfigError(f"tokenizer {path} starts documents with id {tokenizer.bos_id} but BOS_ID={hp.bos_id}: "
+                              f"set BOS_ID={tokenizer.bos_id}")
+        vocab_size = tokenizer.vocab_size
+    else:
+        tokenizer = spm.SentencePieceProcessor(model_file=str(path))
+        vocab_size = int(tokenizer.vocab_size())
+    if vocab_size != hp.vocab_size:
+        raise ConfigError(f"tokenizer {path} has {vocab_size} ids but VOCAB_SIZE={hp.vocab_size}: "
+                          f"set VOCAB_SIZE={vocab_size} or use the tokenizer the shards were built with")
+    return tokenizer
 
 
 # =============================================================================
@@ -893,7 +970,9 @@ class CausalSelfAttention(nn.Module):
             y = y.view(batch, self.num_kv_heads, group, length, self.head_dim)
             # Normalised in fp32 but kept in v's dtype (F.normalize would return fp32 under autocast).
             own_value = F.normalize(v.float(), dim=-1).to(v.dtype).unsqueeze(2)  # (B, Hkv, 1, T, hd)
-            y = y - (y * own_value).sum(dim=-1, keepdim=True) * own_value
+            # CUDA autocast runs sum in fp32 unless its dtype is given: without it the projection,
+            # and then y and the output projection's input, would silently become fp32.
+            y = y - (y * own_value).sum(dim=-1, keepdim=True, dtype=y.dtype) * own_value
             y = y.view(batch, self.num_heads, length, self.head_dim)
         if self.output_gate is not None:
             gate_logits = F.linear(x[..., :self.output_gate.size(1)], self.output_gate.to(x.dtype))  # (B, T, H)
@@ -1237,12 +1316,22 @@ def vicreg_terms(z: Tensor, row_weights: Tensor | None = None) -> tuple[Tensor, 
     return variance_loss, covariance_loss
 
 
-def sigreg_loss(z: Tensor, directions: Tensor, row_weights: Tensor | None = None) -> Tensor:
+def sigreg_loss(z: Tensor, directions: Tensor, row_weights: Tensor | None = None, max_rows: int = 0) -> Tensor:
     """SIGReg (LeJEPA): project the latents on random unit directions and measure, with the
     Epps-Pulley statistic, how far each 1-D distribution is from N(0, 1): the mean over
     directions of the integral of |empirical characteristic function - exp(-t^2/2)|^2 weighted
-    by exp(-t^2/2). Zero exactly for isotropic standard-normal latents."""
-    projected = z.float().reshape(-1, z.size(-1)) @ directions  # (N, slices)
+    by exp(-t^2/2). Zero exactly for isotropic standard-normal latents.
+
+    Its (rows, slices, knots) tensors grow with the rows: at 11L with three JEPA offsets a rank's
+    ~300k rows would need ~7 GB. With max_rows > 0 it reads every k-th row (k = ceil(rows /
+    max_rows)): a statistic of a distribution needs a sample, not every token, and a fixed
+    stride keeps the shape static for the compiled graph (spread over the batch, unlike a prefix)."""
+    rows = z.float().reshape(-1, z.size(-1))
+    if 0 < max_rows < rows.size(0):
+        stride = -(-rows.size(0) // max_rows)
+        rows = rows[::stride]
+        row_weights = None if row_weights is None else row_weights[::stride]
+    projected = rows @ directions  # (N, slices)
     t = torch.linspace(0.0, 4.0, 17, device=z.device)  # even integrand: integrate on [0, 4], double
     angles = projected.unsqueeze(-1) * t  # (N, slices, knots)
     real = weighted_row_mean(torch.cos(angles), row_weights)
@@ -1283,6 +1372,7 @@ class JepaHead(nn.Module):
         self.regularised_side = hp.regularised_side
         self.var_weight, self.cov_weight = hp.vicreg_var_weight, hp.vicreg_cov_weight
         self.sigreg_weight = hp.sigreg_weight
+        self.sigreg_max_rows = hp.sigreg_max_rows
         self.context_projection = CastedLinear(hp.model_dim, hp.d_latent)
         self.target_projection = CastedLinear(hp.model_dim, hp.d_latent)
         hidden = int(hp.jepa_pred_mult * hp.d_latent)
@@ -1304,7 +1394,7 @@ class JepaHead(nn.Module):
             variance_loss, covariance_loss = vicreg_terms(z, row_weights)
             return self.var_weight * variance_loss + self.cov_weight * covariance_loss
         if self.anti_collapse == "sigreg":
-            return self.sigreg_weight * sigreg_loss(z, sigreg_directions, row_weights)
+            return self.sigreg_weight * sigreg_loss(z, sigreg_directions, row_weights, self.sigreg_max_rows)
         return z.new_zeros(())
 
     @staticmethod
@@ -1788,12 +1878,14 @@ def export_artifact(model: GPT, hp: Hyperparameters, code_bytes: int, log: Calla
     return artifact
 
 
-def read_artifact(path: Path) -> dict[str, Any]:
-    """Parse and verify an artifact: returns its hyperparameters, the dequantised backbone state
-    dict and the JEPA head's (empty unless it was exported for TTT_OBJECTIVE=ce+jepa)."""
-    if not path.is_file():
-        raise ConfigError(f"artifact {path} not found: train first or set ARTIFACT_PATH")
-    blob = path.read_bytes()
+def read_artifact(path: Path, blob: bytes | None = None) -> dict[str, Any]:
+    """Parse and verify an artifact (the file at path, or its bytes when given): returns its
+    hyperparameters, the dequantised backbone state dict and the JEPA head's (empty unless it was
+    exported for TTT_OBJECTIVE=ce+jepa)."""
+    if blob is None:
+        if not path.is_file():
+            raise ConfigError(f"artifact {path} not found: train first or set ARTIFACT_PATH")
+        blob = path.read_bytes()
     compressor_ids = {artifact_magic(name): name for name in COMPRESSORS}
     if len(blob) < ARTIFACT_HEADER.size or blob[:len(ARTIFACT_MAGIC_PREFIX) + 2] not in compressor_ids:
         raise ConfigError(f"{path} is not a train_gpt_jepa artifact (bad magic): point ARTIFACT_PATH at a .ptz it wrote")
@@ -1839,6 +1931,22 @@ def write_atomically(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def shared_artifact_bytes(path: Path, runtime: "Runtime") -> bytes:
+    """The artifact's bytes on every rank, read by rank 0 only: on several nodes the file exists
+    only where rank 0 wrote (or was given) it, since nodes need not share a disk."""
+    payload: list[Any] = [None]
+    if runtime.master:
+        try:
+            payload[0] = path.read_bytes()
+        except OSError as error:
+            payload[0] = f"artifact {path} cannot be read on rank 0 ({error.strerror or error}): train first or set ARTIFACT_PATH"
+    if runtime.distributed:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise ConfigError(payload[0])
+    return payload[0]
 
 
 # =============================================================================
@@ -1890,6 +1998,13 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    autocast_dtype, use_compile = resolve_compute(hp, device)
+    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile,
+                   resolve_model_dtype(hp, autocast_dtype))
+
+
+def resolve_compute(hp: Hyperparameters, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """COMPUTE_DTYPE and COMPILE on this device: (autocast dtype or None, compile or not)."""
     if hp.compute_dtype == "bfloat16" or (hp.compute_dtype == "auto" and device.type == "cuda"):
         autocast_dtype: torch.dtype | None = torch.bfloat16
     else:
@@ -1899,8 +2014,14 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         # One graph per (module, call signature and phase): online, target, eval and roundtrip
         # models, with late QAT and depth recurrence each on and off.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile,
-                   resolve_model_dtype(hp, autocast_dtype))
+    return autocast_dtype, use_compile
+
+
+def resolved_hyperparameters(hp: Hyperparameters, runtime: Runtime) -> Hyperparameters:
+    """The settings as this run applied them: COMPUTE_DTYPE and COMPILE resolved on its device,
+    so that EVAL_ONLY on another machine evaluates the way the run did."""
+    compute_dtype = "bfloat16" if runtime.autocast_dtype == torch.bfloat16 else "float32"
+    return dataclasses.replace(hp, compute_dtype=compute_dtype, compile=int(runtime.compile))
 
 
 def resolve_model_dtype(hp: Hyperparameters, autocast_dtype: torch.dtype | None) -> torch.dtype:
@@ -2824,10 +2945,10 @@ def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str
 
 
 def evaluate_artifact(hp: Hyperparameters, runtime: Runtime, artifact_path: Path, val_tokens: Tensor,
-                      luts: tuple[Tensor, Tensor, Tensor], log: RunLogger) -> dict[str, float | None]:
-    """Roundtrip: rebuild the model from the artifact alone, evaluate, log the result lines; then,
-    with TTT=1, score-first test-time training from the same artifact."""
-    artifact = read_artifact(artifact_path)
+                      luts: tuple[Tensor, Tensor, Tensor], log: RunLogger, blob: bytes) -> dict[str, float | None]:
+    """Roundtrip: rebuild the model from the artifact alone (its bytes, on every rank), evaluate,
+    log the result lines; then, with TTT=1, score-first test-time training from the same artifact."""
+    artifact = read_artifact(artifact_path, blob)
     model = build_eval_model(hp, runtime, artifact["state_dict"])
     started = time.perf_counter()
     val_loss, val_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts, runtime)
@@ -2864,7 +2985,8 @@ def run_eval_only(hp: Hyperparameters, runtime: Runtime) -> None:
     """EVAL_ONLY=1: the artifact and this file are all that is needed. Shape settings come from
     the artifact; evaluation settings and paths from the environment when set, else the run's."""
     artifact_path = Path(hp.artifact_path)
-    stored = read_artifact(artifact_path)["hyperparameters"]
+    blob = shared_artifact_bytes(artifact_path, runtime)
+    stored = read_artifact(artifact_path, blob)["hyperparameters"]
     overrides = {}
     for name, value in stored.items():
         if name.upper() in os.environ and name in MODEL_SHAPE_FIELDS and getattr(hp, name) != value:
@@ -2873,18 +2995,21 @@ def run_eval_only(hp: Hyperparameters, runtime: Runtime) -> None:
         if name.upper() not in os.environ and name in {f.name for f in dataclasses.fields(Hyperparameters)}:
             overrides[name] = value
     hp = dataclasses.replace(hp, **overrides, eval_only=True)
-    # The tables' dtype of the run that wrote the artifact (MODEL_DTYPE is one of its settings).
-    runtime = dataclasses.replace(runtime, model_dtype=resolve_model_dtype(hp, runtime.autocast_dtype))
+    # The compute dtype, compilation and tables' dtype of the run that wrote the artifact (its
+    # COMPUTE_DTYPE and COMPILE as resolved on its device), unless the environment sets them.
+    autocast_dtype, use_compile = resolve_compute(hp, runtime.device)
+    runtime = dataclasses.replace(runtime, autocast_dtype=autocast_dtype, compile=use_compile,
+                                  model_dtype=resolve_model_dtype(hp, autocast_dtype))
     log = RunLogger(Path(hp.log_dir) / f"{hp.run_id or 'eval'}_eval.txt") if runtime.master else RunLogger(None)
-    sp = load_tokenizer(hp)
-    luts = build_sentencepiece_luts(sp, hp.vocab_size, runtime.device)
+    luts = build_bpb_luts(load_tokenizer(hp), hp.vocab_size, runtime.device)
     val_tokens = load_validation_tokens(find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
                                         hp.val_max_tokens)
     code_bytes = len(Path(__file__).read_bytes())
-    artifact_bytes = artifact_path.stat().st_size
-    log(f"eval_only artifact:{artifact_path} bytes:{artifact_bytes} val_tokens:{val_tokens.numel() - 1}")
+    artifact_bytes = len(blob)
+    log(f"eval_only artifact:{artifact_path} bytes:{artifact_bytes} val_tokens:{val_tokens.numel() - 1} "
+        f"autocast:{runtime.autocast_dtype} compile:{runtime.compile} model_dtype:{runtime.model_dtype}")
     log(f"Total submission size int6+lzma: {artifact_bytes + code_bytes} bytes")
-    evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log)
+    evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log, blob)
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -3012,18 +3137,20 @@ def save_float_weights(path: Path, model: GPT, head: nn.Module | None, hessians:
 
 
 def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_bytes: int, log: RunLogger,
-                        hessians: dict[str, Tensor] | None = None, head: nn.Module | None = None) -> str | None:
+                        hessians: dict[str, Tensor] | None = None,
+                        head: nn.Module | None = None) -> ConfigError | RunFailure | None:
     """Rank 0 quantises, compresses and writes the artifact (and FLOAT_WEIGHTS_PATH when set);
-    every rank returns the same outcome: None, or the one-line error that stops the run."""
+    every rank returns the same outcome: None, or the one-line error that stops the run
+    (ConfigError for what the user can fix, RunFailure for anything else)."""
     artifact_path = Path(hp.artifact_path)
-    export_error: str | None = None
+    export_error: ConfigError | RunFailure | None = None
     if runtime.master:
         try:
             if hp.float_weights_path:
                 save_float_weights(Path(hp.float_weights_path), model, head, hessians, hp)
                 log(f"float weights: {hp.float_weights_path}")
             started = time.perf_counter()
-            artifact = export_artifact(model, hp, code_bytes, log, hessians, head)
+            artifact = export_artifact(model, resolved_hyperparameters(hp, runtime), code_bytes, log, hessians, head)
             write_atomically(artifact_path, artifact)
             log(f"export: quant:{hp.quant if hessians else 'clip'} matrix_bits:{hp.matrix_bits} "
                 f"embed_bits:{hp.embed_bits} compressor:{hp.compressor} jepa_head:{int(head is not None)} "
@@ -3033,14 +3160,21 @@ def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_
             log(f"Total submission size int6+lzma: {len(artifact) + code_bytes} bytes "
                 f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
         except ConfigError as error:
-            export_error = str(error)
+            export_error = error
         except OSError as error:  # caught, not raised here: the other ranks wait for this outcome
-            export_error = (f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
-                            f"point ARTIFACT_PATH at a writable location with free space")
+            export_error = ConfigError(f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
+                                       f"point ARTIFACT_PATH at a writable location with free space")
+        except Exception as error:  # any other failure too: raised here, it would leave the other
+            # ranks in the broadcast below until the collective timeout (NCCL: 10 minutes)
+            log("".join(traceback.format_exception(error)).rstrip(), console=False)
+            export_error = RunFailure(f"export failed on rank 0 with {type(error).__name__}: {error} "
+                                      f"(traceback in the run's log); nothing was written to ARTIFACT_PATH")
     if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
-        shared = [export_error]
-        dist.broadcast_object_list(shared, src=0)
-        export_error = shared[0]
+        shared = [None if export_error is None else (type(export_error).__name__, str(export_error))]
+        dist.broadcast_object_list(shared, src=0)  # a (kind, message) pair: plain data pickles anywhere
+        if shared[0] is not None:
+            kind, message = shared[0]
+            export_error = ConfigError(message) if kind == "ConfigError" else RunFailure(message)
     return export_error
 
 
@@ -3066,8 +3200,7 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     log(f"run_id:{run_id} log:{log_path}")
 
     # ---- data ----
-    sp = load_tokenizer(hp)
-    luts = build_sentencepiece_luts(sp, hp.vocab_size, runtime.device)
+    luts = build_bpb_luts(load_tokenizer(hp), hp.vocab_size, runtime.device)
     train_files, val_files = find_shards(hp.data_path, "train"), find_shards(hp.data_path, "val")
     for path in train_files:  # headers and sizes now: a bad shard must not surface hours into the run
         check_shard_header(path)
@@ -3237,11 +3370,12 @@ def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
     export_error = export_on_rank_zero(trainer.model, hp, runtime, code_bytes, log, hessians, exported_head)
     export_ms = 1000.0 * (time.perf_counter() - export_started)
     if export_error is not None:
-        finish_summary("export_failed", error=export_error)
-        raise ConfigError(export_error)
-    artifact_bytes = artifact_path.stat().st_size
+        finish_summary("export_failed", error=str(export_error))
+        raise export_error
+    blob = shared_artifact_bytes(artifact_path, runtime)
+    artifact_bytes = len(blob)
     roundtrip_started = time.perf_counter()
-    result = evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log)
+    result = evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log, blob)
     roundtrip_ms = 1000.0 * (time.perf_counter() - roundtrip_started)
     log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f}")
     log(f"timing: train {train_ms / 1000:.1f}s, validation {eval_ms_total / 1000:.1f}s, "

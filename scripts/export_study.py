@@ -67,7 +67,7 @@ def study(args: argparse.Namespace) -> dict:
         T.compressor_module(name)
     runtime = T.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), autocast_dtype=None,
                         compile=False, model_dtype=torch.float32)
-    luts = T.build_sentencepiece_luts(T.load_tokenizer(hp), hp.vocab_size, runtime.device)
+    luts = T.build_bpb_luts(T.load_tokenizer(hp), hp.vocab_size, runtime.device)
     val_tokens = T.load_validation_tokens(T.find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
                                           hp.val_max_tokens)
     model = T.build_eval_model(hp, runtime, payload["state_dict"], compiled=False)
