@@ -221,3 +221,25 @@ def test_describe_power():
     assert "needs >= 2 pairs" in ab_stats.describe_power(None, 1)
     assert "zero variance" in ab_stats.describe_power(0.0, 4)
     assert "more than 10000 seeds" in ab_stats.describe_power(1.0, 3)
+
+
+def test_hand_written_t_tests_equal_scipys():
+    """The t arithmetic stays in ab_stats (it also reports the standard error and the std of the
+    differences the tables print); scipy's own tests must give the same t, df, p and interval."""
+    generator = np.random.default_rng(7)
+    for _ in range(50):
+        seeds = range(int(generator.integers(2, 10)))
+        baseline = {seed: 1.5 + float(generator.normal(0, 0.01)) for seed in seeds}
+        arm = {seed: baseline[seed] + float(generator.normal(-0.002, 0.003)) for seed in seeds}
+        ours = ab_stats.paired_test(arm, baseline)
+        reference = stats.ttest_rel(list(arm.values()), list(baseline.values()), alternative="less")
+        interval = stats.ttest_rel(list(arm.values()), list(baseline.values())).confidence_interval(0.95)
+        assert ours.t == pytest.approx(reference.statistic, rel=1e-9)
+        assert ours.p_one_sided == pytest.approx(reference.pvalue, rel=1e-9) and ours.df == reference.df
+        assert (ours.ci_low, ours.ci_high) == pytest.approx((interval.low, interval.high), rel=1e-9, abs=1e-12)
+        other = [1.5 + float(generator.normal(0, 0.02)) for _ in range(int(generator.integers(2, 10)))]
+        ours = ab_stats.welch_test(list(arm.values()), other)
+        reference = stats.ttest_ind(list(arm.values()), other, equal_var=False, alternative="less")
+        assert ours.t == pytest.approx(reference.statistic, rel=1e-9)
+        assert ours.p_one_sided == pytest.approx(reference.pvalue, rel=1e-9)
+        assert ours.df == pytest.approx(reference.df, rel=1e-9)
