@@ -269,7 +269,7 @@ def test_missing_data_and_tokenizer_name_the_path_and_both_fixes(tmp_path, tiny_
 
 def test_vocab_size_must_match_the_tokenizer(tmp_path, tiny_dataset):
     result = run_trainer(tmp_path, tiny_dataset, timeout=60, VOCAB_SIZE=2048)
-    assert result.returncode == 2 and "VOCAB_SIZE=2048" in result.stderr and "1024 pieces" in result.stderr
+    assert result.returncode == 2 and "VOCAB_SIZE=2048" in result.stderr and "1024 ids" in result.stderr
 
 
 def test_unknown_variables_of_other_tools_are_not_typos():
