@@ -83,8 +83,10 @@ run_stage2() {
 # documentation, campaign/nodejs_sections.py), and per step (--budget steps).
 stage3_arms=(
   --arm vanilla:"JEPA_WEIGHT=0"
-  STAGE3_ARM
+  --arm target_frac0.25:"$variant JEPA_TARGET_FRACTION=0.25"
 )
+# Per step, the variants' base (every sequence given targets) runs beside it.
+steps_arms=("${stage3_arms[@]}" --arm w0.1_sg:"$variant")
 nodejs="DATA_PATH=./data/datasets/local_nodejs_sp1024 TOKENIZER_PATH=./data/tokenizers/local_nodejs_sp1024_bpe.model"
 
 run_stage3() {
@@ -96,11 +98,11 @@ run_stage3() {
     python3 campaign/nodejs_sections.py /tmp/nodejs_sections.jsonl
     python3 data/build_local_corpus.py /tmp/nodejs_sections.jsonl --name local_nodejs_sp1024
   fi
-  python3 scripts/ab.py "${stage3_arms[@]}" --seeds 1,2,3,4 --budget compute \
+  python3 scripts/ab.py "${stage3_arms[@]}" --seeds 1,2,3 --budget compute \
     --calibration-steps 3 --calibration-rounds 20 \
     --env "$common $nodejs ITERATIONS=100 LOG_DIR=campaign/stage3_robustness/nodejs/logs" \
     --out "$out"/stage3_robustness/nodejs --keep-going "${extra[@]}"
-  python3 scripts/ab.py "${stage3_arms[@]}" --seeds 1,2,3,4 --budget steps \
+  python3 scripts/ab.py "${steps_arms[@]}" --seeds 1,2,3,4 --budget steps \
     --env "$common ITERATIONS=100 LOG_DIR=campaign/stage3_robustness/steps/logs" \
     --out "$out"/stage3_robustness/steps --keep-going "${extra[@]}"
 }
@@ -113,7 +115,7 @@ run_byte() {
   if (( building )) && [[ ! -f data/datasets/local_byte260/manifest.json ]]; then
     python3 data/build_local_corpus.py --tokenizer byte260
   fi
-  python3 scripts/ab.py --arm vanilla:"JEPA_WEIGHT=0" BYTE_ARM --seeds 1,2,3,4 --budget compute \
+  python3 scripts/ab.py --arm vanilla:"JEPA_WEIGHT=0" --arm chunk8:"$variant JEPA_MODE=chunk JEPA_CHUNK=8" --seeds 1,2,3 --budget compute \
     --calibration-steps 3 --calibration-rounds 20 \
     --env "$common $byte ITERATIONS=150 LOG_DIR=campaign/byte_level/logs" \
     --out "$out"/byte_level --keep-going "${extra[@]}"
