@@ -4,7 +4,7 @@
 # summaries, table.md, effects.json, curves.png, step_times.json); rerunning a stage reuses every
 # finished run, and `--no-run` recomputes its tables from the committed summaries alone.
 #
-#   bash campaign/run_campaign.sh stage1     # or stage2, stage3, byte, all
+#   bash campaign/run_campaign.sh stage1     # or stage0, stage2, stage3, byte, all
 #   bash campaign/run_campaign.sh stage1 --no-run
 #   CAMPAIGN_OUT=/tmp/check bash campaign/run_campaign.sh stage1 --no-run   # tables elsewhere
 #
@@ -55,6 +55,15 @@ stage1_arms=(
   --arm target_frac0.25:"$variant JEPA_TARGET_FRACTION=0.25"
   --arm pr896:"JEPA_WEIGHT=0.3 TARGET_EMA_DECAY=0.9995 ANTI_COLLAPSE=vicreg VICREG_ON=target"
 )
+
+# Stage 0: the vanilla curve that sets the budget (one run, validated every 20 steps).
+run_stage0() {
+  if (( building )) && [[ ! -f campaign/stage0_budget_curve/logs/curve_vanilla_b4096.json ]]; then
+    env $common JEPA_WEIGHT=0 ITERATIONS=300 VAL_LOSS_EVERY=20 MAX_WALLCLOCK_SECONDS=0 \
+      LOG_DIR=campaign/stage0_budget_curve/logs RUN_ID=curve_vanilla_b4096 python3 train_gpt_jepa.py
+  fi
+  python3 campaign/campaign_figures.py
+}
 
 run_stage1() {
   python3 scripts/ab.py "${stage1_arms[@]}" --seeds 1,2 --budget compute \
@@ -123,12 +132,13 @@ run_byte() {
 
 main() {
   case "$stage" in
+    stage0) run_stage0 ;;
     stage1) run_stage1 ;;
     stage2) run_stage2 ;;
     stage3) run_stage3 ;;
     byte) run_byte ;;
-    all) run_stage1; run_stage2; run_byte; run_stage3 ;;
-    *) echo "usage: $0 stage1|stage2|stage3|byte|all [ab.py options]" >&2; exit 2 ;;
+    all) run_stage0; run_stage1; run_stage2; run_byte; run_stage3 ;;
+    *) echo "usage: $0 stage0|stage1|stage2|stage3|byte|all [ab.py options]" >&2; exit 2 ;;
   esac
 }
 
