@@ -32,6 +32,11 @@ common="PRESET=tiny TRAIN_BATCH_TOKENS=4096 VAL_LOSS_EVERY=0 EVAL_STRIDE=0"
 # one thing each; the weight sweep runs with the stop-gradient target (no second forward) and
 # with an EMA target encoder (the tiny preset's TARGET_EMA_DECAY=0.99).
 variant="JEPA_WEIGHT=0.1 TARGET_EMA_DECAY=0"
+# Arms that later stages run again, spelled once.
+target_frac="$variant JEPA_TARGET_FRACTION=0.25"
+chunk4="$variant JEPA_MODE=chunk JEPA_CHUNK=4"
+chunk16="$variant JEPA_MODE=chunk JEPA_CHUNK=16"
+pr896="JEPA_WEIGHT=0.3 TARGET_EMA_DECAY=0.9995 ANTI_COLLAPSE=vicreg VICREG_ON=target"
 stage1_arms=(
   --arm vanilla:"JEPA_WEIGHT=0"
   --arm w0.001_sg:"JEPA_WEIGHT=0.001 TARGET_EMA_DECAY=0"
@@ -43,8 +48,8 @@ stage1_arms=(
   --arm w0.001_ema:"JEPA_WEIGHT=0.001 TARGET_EMA_DECAY=0.99"
   --arm w0.01_ema:"JEPA_WEIGHT=0.01 TARGET_EMA_DECAY=0.99"
   --arm w0.1_ema:"JEPA_WEIGHT=0.1 TARGET_EMA_DECAY=0.99"
-  --arm chunk4:"$variant JEPA_MODE=chunk JEPA_CHUNK=4"
-  --arm chunk16:"$variant JEPA_MODE=chunk JEPA_CHUNK=16"
+  --arm chunk4:"$chunk4"
+  --arm chunk16:"$chunk16"
   --arm horizons1248:"$variant JEPA_OFFSETS=1,2,4,8"
   --arm span:"$variant JEPA_MODE=span"
   --arm sigreg:"$variant ANTI_COLLAPSE=sigreg"
@@ -52,8 +57,8 @@ stage1_arms=(
   --arm curriculum0.1:"$variant JEPA_ONLY_FRACTION=0.1"
   --arm layer_mid:"$variant JEPA_LAYER=1"
   --arm grad_last1:"$variant JEPA_GRAD_LAYERS=1"
-  --arm target_frac0.25:"$variant JEPA_TARGET_FRACTION=0.25"
-  --arm pr896:"JEPA_WEIGHT=0.3 TARGET_EMA_DECAY=0.9995 ANTI_COLLAPSE=vicreg VICREG_ON=target"
+  --arm target_frac0.25:"$target_frac"
+  --arm pr896:"$pr896"
 )
 
 # Stage 0: the vanilla curve that sets the budget (one run, validated every 20 steps).
@@ -75,10 +80,10 @@ run_stage1() {
 # seeds picked the arms, so they would flatter them), step times measured over more rounds.
 stage2_arms=(
   --arm vanilla:"JEPA_WEIGHT=0"
-  --arm target_frac0.25:"$variant JEPA_TARGET_FRACTION=0.25"
-  --arm chunk16:"$variant JEPA_MODE=chunk JEPA_CHUNK=16"
-  --arm chunk4:"$variant JEPA_MODE=chunk JEPA_CHUNK=4"
-  --arm pr896:"JEPA_WEIGHT=0.3 TARGET_EMA_DECAY=0.9995 ANTI_COLLAPSE=vicreg VICREG_ON=target"
+  --arm target_frac0.25:"$target_frac"
+  --arm chunk16:"$chunk16"
+  --arm chunk4:"$chunk4"
+  --arm pr896:"$pr896"
 )
 
 run_stage2() {
@@ -92,7 +97,7 @@ run_stage2() {
 # documentation, campaign/nodejs_sections.py), and per step (--budget steps).
 stage3_arms=(
   --arm vanilla:"JEPA_WEIGHT=0"
-  --arm target_frac0.25:"$variant JEPA_TARGET_FRACTION=0.25"
+  --arm target_frac0.25:"$target_frac"
 )
 # Per step, the variants' base (every sequence given targets) runs beside it.
 steps_arms=("${stage3_arms[@]}" --arm w0.1_sg:"$variant")

@@ -53,13 +53,19 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "tokenizer_path": root / "tokenizers" / "test_sp1024_bpe.model"}
 
 
-def trainer_env(dataset: dict[str, Path], **overrides: object) -> dict[str, str]:
-    """A hermetic environment for a trainer subprocess: the tiny preset shrunk to seconds, no
-    stray hyperparameters from the caller's shell, one thread per process."""
+def environment_without_trainer_settings() -> dict[str, str]:
+    """The caller's environment minus every trainer hyperparameter and PRESET: what a subprocess
+    that launches the trainer (directly or through scripts/ab.py) may inherit."""
     import train_gpt_jepa
 
     ours = {field.upper() for field in train_gpt_jepa.Hyperparameters.__dataclass_fields__}
-    env = {key: value for key, value in os.environ.items() if key not in ours and key != "PRESET"}
+    return {key: value for key, value in os.environ.items() if key not in ours and key != "PRESET"}
+
+
+def trainer_env(dataset: dict[str, Path], **overrides: object) -> dict[str, str]:
+    """A hermetic environment for a trainer subprocess: the tiny preset shrunk to seconds, no
+    stray hyperparameters from the caller's shell, one thread per process."""
+    env = environment_without_trainer_settings()
     env.update({
         "PRESET": "tiny", "DATA_PATH": str(dataset["data_path"]), "TOKENIZER_PATH": str(dataset["tokenizer_path"]),
         "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "WARMDOWN_ITERS": "0", "TRAIN_BATCH_TOKENS": "2048",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, environment_without_trainer_settings
 
 CAMPAIGN = REPO_ROOT / "campaign"
 # run_campaign.sh's stage name -> the folders (relative to campaign/) whose tables it writes
@@ -44,8 +44,7 @@ def test_committed_campaign_tables_recompute_from_the_committed_summaries(stage:
         copy.mkdir(parents=True)
         if (folder / "step_times.json").is_file():
             shutil.copy(folder / "step_times.json", copy / "step_times.json")
-    environment = {name: value for name, value in os.environ.items()
-                   if not name.isupper() or name in ("PATH", "HOME", "LANG", "TMPDIR") or name.startswith(("PYTHON", "LC_"))}
+    environment = environment_without_trainer_settings()
     environment["CAMPAIGN_OUT"] = str(tmp_path)
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(["bash", str(CAMPAIGN / "run_campaign.sh"), stage, "--no-run"], cwd=REPO_ROOT,
