@@ -1,5 +1,6 @@
 """A/B harness: arms x seeds of train_gpt_jepa.py at an equal budget, paired statistics by seed,
-a leaderboard, pictures, a submission.json and a record folder built from the runs' own summaries.
+a leaderboard and pictures built from the runs' own summaries (scripts/make_record.py turns one
+arm's runs into a record folder).
 
     # JEPA (the current configuration) against its vanilla control at equal compute, 3 seeds:
     # the vanilla arm runs 2000 steps, the JEPA arm as many as the same compute buys
@@ -11,7 +12,7 @@ a leaderboard, pictures, a submission.json and a record folder built from the ru
     PRESET=tiny python3 scripts/ab.py --arm span:"JEPA_MODE=span" --arm vanilla:"JEPA_WEIGHT=0" \\
         --budget steps --env "ITERATIONS=200" --out ab/span_tiny
     # the same command again reuses every finished run; --seeds 1,2,3,4,5 adds two seeds only
-    python3 scripts/ab.py ... --no-run --write-submission span --record records/span_tiny
+    python3 scripts/make_record.py --ab ab/span_tiny --arm span --out records/span_tiny
 
 Budgets (the question each answers):
 - compute (default): "is it better for the same compute?" Before any run, every arm's step time
@@ -37,8 +38,9 @@ it), Holm-corrected across the candidate arms, with the minimum detectable diffe
 observed spread (scripts/ab_stats.py). The challenge accepts a claim at p < 0.01.
 
 Outputs in --out: table.md (also printed), effects.png and effects.json (paired differences with
-CIs, step-time cost), curves.png, step_times.json (compute budget), console/<RUN_ID>.log,
-artifacts/<RUN_ID>.int6.ptz, and submission.json with --write-submission.
+CIs, step-time cost), curves.png, step_times.json (compute budget), plan.json (the A/B's arms,
+settings, seeds and runs, which make_record.py reads), console/<RUN_ID>.log and
+artifacts/<RUN_ID>.int6.ptz.
 Exit status: 0 done, 1 a run failed (its log tail is printed), 2 a usage error.
 """
 
@@ -54,7 +56,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,7 @@ WALLCLOCK_ITERATIONS = 1_000_000  # under a wall-clock budget: so high that the 
 LOG_TAIL_LINES = 20
 CURVE_ARMS = 4  # curves.png draws the best few arms of the leaderboard and the baseline
 STEP_TIMES_FILE = "step_times.json"
+PLAN_FILE = "plan.json"  # the A/B's definition, what scripts/make_record.py reads back
 ARM_NAME = re.compile(r"^[A-Za-z0-9_.,=+-]+$")  # also a file name: no spaces or slashes
 SETTING_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # Set by this harness for every run: the user may not set them for all runs or for one arm.
@@ -284,12 +286,6 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer:
     trainer = load_trainer_module()
     trainer_variables = {f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)} | {"PRESET"}
     arms, baseline = choose_arms(args)
-    names = [arm.name for arm in arms]
-    # Checked before any measurement or run: hours later would be too late.
-    if args.write_submission is not None and args.write_submission not in names:
-        raise UserError(f"--write-submission {args.write_submission}: not an arm (arms: {', '.join(names)})")
-    if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
-        raise UserError(f"--record {args.record}: the folder exists and is not empty")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
@@ -537,6 +533,41 @@ def check_same_settings(plan: Plan, run: Run, summary: dict[str, Any], no_run: b
                         f"use another --tag or --out for this A/B")
 
 
+def write_plan(plan: Plan, command_line: str) -> None:
+    """OUT/plan.json: everything that defines the A/B (arms, baseline, seeds, budget, settings,
+    each run's id, settings and resolved configuration, the step times), so that a record folder
+    can be built from it later without repeating the command."""
+    record = {
+        "command": command_line, "arms": [dataclasses.asdict(arm) for arm in plan.arms], "baseline": plan.baseline,
+        "seeds": plan.seeds, "budget": plan.budget, "common": plan.common, "from_environment": plan.from_environment,
+        "launcher": plan.launcher, "log_dir": str(plan.log_dir), "step_times": plan.step_times,
+        "calibration": plan.calibration,
+        "runs": [{"arm": run.arm, "seed": run.seed, "run_id": run.run_id, "settings": run.settings,
+                  "config": run.config} for run in plan.runs],
+    }
+    temporary = plan.out_dir / f".{PLAN_FILE}.tmp"
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, plan.out_dir / PLAN_FILE)
+
+
+def load_plan(out_dir: Path) -> tuple[Plan, str]:
+    """The plan an earlier invocation wrote to OUT/plan.json, with every run's summary read back
+    (all must be completed); returns it and the command that made it."""
+    path = out_dir / PLAN_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: point at the --out folder of an A/B run by scripts/ab.py") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a readable plan ({error})") from None
+    plan = Plan([Arm(**arm) for arm in record["arms"]], record["baseline"], record["seeds"], record["budget"],
+                record["common"], record["from_environment"], {}, record["launcher"], out_dir.resolve(),
+                Path(record["log_dir"]), step_times=record["step_times"], calibration=record["calibration"])
+    plan.runs = [Run(**run) for run in record["runs"]]
+    execute(plan, no_run=True, keep_going=False)
+    return plan, record["command"]
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (no output)"
@@ -778,9 +809,12 @@ def render_table(plan: Plan, command_line: str, failures: list[str], comparisons
         lines.append("")
     lines += [
         "## Per arm", "",
-        "Mean ± sample standard deviation over the seeds; total bytes: the largest (artifact + code).", "",
-        "| arm | n | roundtrip val_bpb | pre-quant val_bpb | sliding val_bpb | steps | step_avg_ms | total bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        ("Mean ± sample standard deviation over the seeds; total bytes: the largest (artifact + code); JEPA grad "
+         "share: the run's mean over its log steps of ||g_JEPA|| / ||g_CE|| on the backbone matrices (— without JEPA)."),
+        "",
+        "| arm | n | roundtrip val_bpb | pre-quant val_bpb | sliding val_bpb | steps | step_avg_ms | total bytes "
+        "| JEPA grad share |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in plan.arms:
         runs = plan.arm_runs(arm.name)
@@ -793,6 +827,7 @@ def render_table(plan: Plan, command_line: str, failures: list[str], comparisons
             format_mean_std(plan.arm_values(arm.name, "steps"), 0),
             format_mean_std(plan.arm_values(arm.name, "step_avg_ms"), 1),
             f"{max(run.summary['total_bytes'] for run in runs):,}" if runs else "—",
+            format_mean_std(plan.arm_values(arm.name, "mean_jepa_grad_share")),  # "—" for vanilla arms
         ]))
     lines += [
         "", f"## Leaderboard against the baseline `{plan.baseline}` (roundtrip val_bpb, lower is better)", "",
@@ -865,138 +900,6 @@ def trainer_sha256() -> str:
     return hashlib.sha256(TRAINER_PATH.read_text(encoding="utf-8").encode("utf-8")).hexdigest()
 
 
-def build_submission(plan: Plan, arm: str, args: argparse.Namespace, comparisons: list[Comparison]) -> dict[str, Any]:
-    """submission.json in the records' schema, every number taken from the arm's summaries."""
-    runs = plan.arm_runs(arm)
-    if not runs:
-        raise UserError(f"--write-submission {arm}: no completed run of that arm")
-    # The comparison is against the baseline; for the baseline itself, against the best candidate.
-    other = plan.baseline if arm != plan.baseline else comparisons[0].arm
-    comparison = next(c for c in comparisons if c.arm in (arm, other) and c.arm != plan.baseline)
-    sign = 1.0 if arm != plan.baseline else -1.0  # the baseline's difference is the candidate's, negated
-    paired = comparison.paired
-    summaries = [run.summary for run in runs]
-    settings = plan.arm_settings(arm)
-    caps = {run.config["max_wallclock_seconds"] for run in runs}
-    record_track = (all(s["world_size"] == 8 and not s["device"].startswith("cpu") for s in summaries)
-                    and all(0 < cap <= 600 for cap in caps))
-    mean_bpb = statistics.fmean(s["roundtrip_val_bpb"] for s in summaries)
-    other_values = plan.arm_values(other, "roundtrip_val_bpb")
-    other_mean = statistics.fmean(other_values) if other_values else None
-    difference = sign * paired.difference if paired.difference is not None else None
-    comparison_text = (f" vs {other_mean:.4f} (paired difference {difference:+.4f}, 95% CI "
-                       f"[{sign * (paired.ci_low if sign > 0 else paired.ci_high):+.4f}, "
-                       f"{sign * (paired.ci_high if sign > 0 else paired.ci_low):+.4f}])"
-                       if other_mean is not None and paired.ci_low is not None else "")
-    p_text = (f"paired one-sided p = {paired.p_one_sided:.3g} for {comparison.arm} < {plan.baseline}, "
-              f"Holm p = {comparison.p_holm:.3g} over {len(comparisons)} arm(s)"
-              if paired.p_one_sided is not None else paired.reason)
-    blurb = (f"A/B of arm {arm} ({format_settings(settings) or 'the common settings'}) against {other}: "
-             f"{len(runs)} seeds ({', '.join(str(r.seed) for r in runs)}), {budget_text(plan)}, dataset "
-             f"{distinct(plan, 'dataset')}, {distinct(plan, 'device')}. Mean int6+lzma roundtrip val_bpb "
-             f"{mean_bpb:.4f}{comparison_text}; {p_text}.")
-    return {
-        "author": args.author, "github_id": args.github_id,
-        "name": args.name or f"JEPA A/B: {arm} vs {other}", "blurb": blurb,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "track": "10min_16mb" if record_track else "non_record_16mb",
-        "val_loss": statistics.fmean(s["roundtrip_val_loss"] for s in summaries), "val_bpb": mean_bpb,
-        "bytes_total": max(s["total_bytes"] for s in summaries),
-        "bytes_code": max(s["code_bytes"] for s in summaries),
-        "arm": arm, "settings": settings, "common_settings": plan.common, "budget": budget_text(plan),
-        "iterations": plan.iterations(arm) if plan.step_times else runs[0].config["iterations"],
-        "step_time_ratio": plan.step_times.get(arm, {}).get("ratio"),
-        "seeds": [run.seed for run in runs],
-        "seed_results": [{"seed": run.seed, "run_id": run.run_id, "val_bpb": run.summary["roundtrip_val_bpb"],
-                          "val_loss": run.summary["roundtrip_val_loss"], "pre_quant_val_bpb": run.summary["val_bpb"],
-                          "steps": run.summary["steps"], "step_avg_ms": run.summary["step_avg_ms"],
-                          "bytes_total": run.summary["total_bytes"]} for run in runs],
-        "baseline": {"arm": other, "val_bpb": other_mean, "settings": plan.arm_settings(other),
-                     "iterations": plan.iterations(other), "step_time_ratio": plan.step_times.get(other, {}).get("ratio")},
-        "val_bpb_difference": difference,
-        "p_value": paired.p_one_sided, "p_value_holm": comparison.p_holm,
-        "p_value_note": paired.reason or (f"paired one-sided t test by seed, H1: {comparison.arm} < {plan.baseline}; "
-                                          f"Holm-adjusted over {len(comparisons)} candidate arm(s)"),
-        "welch_p_value": comparison.welch.p_one_sided, "minimum_detectable_difference": comparison.mde,
-        "hardware": {"device": distinct(plan, "device"), "world_size": runs[0].summary["world_size"]},
-        "dataset": distinct(plan, "dataset"),
-        "train_time_seconds": statistics.fmean(s["train_time_ms"] for s in summaries) / 1000,
-        "trainer_sha256": distinct(plan, "code_sha256"),
-    }
-
-
-def display_path(path: str | Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def reproduce_lines(plan: Plan) -> list[str]:
-    """Each run as one trainer command: its settings, as this harness passed them."""
-    launcher = " ".join(shlex.quote(part) for part in plan.launcher)
-    launcher = "python3" if plan.launcher == [sys.executable] else launcher
-    lines = []
-    for run in plan.runs:
-        settings = {name: display_path(value) if name == "ARTIFACT_PATH" else value
-                    for name, value in run.settings.items()}
-        lines.append(f"{format_settings(settings)} {launcher} train_gpt_jepa.py")
-    return lines
-
-
-def demote_headings(markdown: str) -> str:
-    """table.md without its title, headings one level down, to sit under the README's own."""
-    lines = markdown.splitlines()
-    if lines and lines[0].startswith("# "):
-        lines = lines[1:]
-    return "\n".join("#" + line if line.startswith("#") else line for line in lines)
-
-
-def assemble_record(plan: Plan, record_dir: Path, submission: dict[str, Any], table: str, command_line: str) -> None:
-    if record_dir.exists() and any(record_dir.iterdir()):
-        raise UserError(f"--record {record_dir}: the folder exists and is not empty")
-    current = trainer_sha256()
-    runs = [run for run in plan.runs if run.outcome in ("reused", "ran")]
-    for run in runs:  # the record must hold the code that produced every one of its logs
-        if run.summary.get("code_sha256") != current:
-            raise UserError(f"--record: {run.run_id} was produced by train_gpt_jepa.py with sha256 "
-                            f"{run.summary.get('code_sha256')}, but {display_path(TRAINER_PATH)} now has sha256 "
-                            f"{current}: check out the version that produced the logs, or rerun")
-        for suffix in (".txt", ".json"):
-            if not (plan.log_dir / f"{run.run_id}{suffix}").is_file():
-                raise UserError(f"--record: {plan.log_dir / (run.run_id + suffix)} is missing")
-    (record_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        for suffix in (".txt", ".json"):
-            shutil.copy2(plan.log_dir / f"{run.run_id}{suffix}", record_dir / "logs" / f"{run.run_id}{suffix}")
-    shutil.copy2(TRAINER_PATH, record_dir / "train_gpt_jepa.py")
-    shutil.copy2(REPO_ROOT / "requirements.txt", record_dir / "requirements.txt")
-    for name in ("effects.png", "effects.json", "curves.png", STEP_TIMES_FILE):
-        if (plan.out_dir / name).is_file():
-            shutil.copy2(plan.out_dir / name, record_dir / name)
-    (record_dir / "table.md").write_text(table, encoding="utf-8")
-    (record_dir / "submission.json").write_text(json.dumps(submission, indent=2) + "\n", encoding="utf-8")
-    readme = [
-        f"# {submission['name']}", "", submission["blurb"], "",
-        (f"Score: mean int6+lzma roundtrip val_bpb **{submission['val_bpb']:.4f}** over seeds "
-         f"{', '.join(map(str, submission['seeds']))}; largest submission {submission['bytes_total']:,} bytes."), "",
-        "## What was run", "", demote_headings(table).strip(), "",
-        "![paired differences against the baseline, with 95% CIs and step-time cost](effects.png)", "",
-        "![training curves of the best arms and the baseline](curves.png)", "",
-        "## How to reproduce", "",
-        f"From the repository root of train_gpt_jepa (this folder's `train_gpt_jepa.py`, sha256 {current}):", "",
-        "    " + command_line, "",
-        "which runs, one after another:", "",
-        *["    " + line for line in reproduce_lines(plan)], "",
-        "## Files", "",
-        "- `train_gpt_jepa.py`: the trainer that produced every log here (sha256 checked against each log)",
-        "- `requirements.txt`, `submission.json`, `table.md`, `effects.png`, `effects.json`, `curves.png`"
-        + (f", `{STEP_TIMES_FILE}` (the measured step times that set each arm's ITERATIONS)" if plan.step_times else ""),
-        "- `logs/<RUN_ID>.txt` (full log, starting with the trainer's source) and `logs/<RUN_ID>.json` (summary)",
-    ]
-    (record_dir / "README.md").write_text("\n".join(readme) + "\n", encoding="utf-8")
-
-
 # =============================================================================
 # MAIN
 # =============================================================================
@@ -1029,12 +932,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "else the last)")
     parser.add_argument("--no-run", action="store_true", help="launch nothing: only read the existing summaries")
     parser.add_argument("--keep-going", action="store_true", help="after a failed run, go on with the others")
-    parser.add_argument("--write-submission", metavar="ARM", help="write OUT/submission.json from that arm's runs")
-    parser.add_argument("--submission-path", help="also write the submission there (e.g. submission.json)")
-    parser.add_argument("--record", metavar="DIR", help="assemble a record folder: README, submission, trainer, logs")
-    parser.add_argument("--author", default="unknown")
-    parser.add_argument("--github-id", default="unknown")
-    parser.add_argument("--name", help="the submission's name (default: generated from the arms)")
     return parser.parse_args(argv)
 
 
@@ -1044,7 +941,6 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     args = parse_args(argv)
     try:
         plan = build_plan(args, environ)
-        names = [arm.name for arm in plan.arms]
         # The trainer variables of the caller's environment are part of the experiment: show them.
         command_line = " ".join(filter(None, [format_settings(plan.from_environment), "python3 scripts/ab.py",
                                               shlex.join(argv)]))
@@ -1057,22 +953,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print()
         print(table, end="")
         write_pictures(plan, effects_record(plan, comparisons))
-        print(f"\nwrote {plan.out_dir / 'table.md'}, effects.png, effects.json and curves.png")
-
-        # A record needs a submission.json: by default the candidate's (the first non-baseline arm).
-        candidate = next(name for name in names if name != plan.baseline)
-        submission_arm = args.write_submission or (candidate if args.record else None)
-        if submission_arm is not None:
-            submission = build_submission(plan, submission_arm, args, comparisons)
-            text = json.dumps(submission, indent=2) + "\n"
-            for path in filter(None, [plan.out_dir / "submission.json", args.submission_path]):
-                Path(path).write_text(text, encoding="utf-8")
-                print(f"wrote {path}")
-            if args.record and failures:
-                raise RunFailed(f"--record: not assembled, {len(failures)} run(s) failed; a record holds a complete A/B")
-            if args.record:
-                assemble_record(plan, Path(args.record), submission, table, command_line)
-                print(f"wrote the record folder {args.record}")
+        write_plan(plan, command_line)
+        print(f"\nwrote {plan.out_dir / 'table.md'}, effects.png, effects.json, curves.png and {PLAN_FILE}")
         return 1 if failures else 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -93,3 +93,39 @@ def cpu_runtime(compile: bool = False, autocast_dtype=None):
     return train_gpt_jepa.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                                   autocast_dtype=autocast_dtype, compile=compile,
                                   model_dtype=autocast_dtype or torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# A tiny A/B, run once per session: 2 arms x 2 seeds, 4 steps each (tests of ab.py and make_record.py)
+# ---------------------------------------------------------------------------
+
+AB_ARMS = ["--arm", "jepa:JEPA_WEIGHT=0.5", "--arm", "vanilla:JEPA_WEIGHT=0"]
+AB_COMMON = ["--budget", "steps", "--env", "ITERATIONS=4 VAL_LOSS_EVERY=2"]
+
+
+def run_ab(argv: list[str], environ: dict[str, str]) -> tuple[int, str, str]:
+    """scripts/ab.py's main in this process, its stdout and stderr captured."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import ab
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = ab.main(argv, environ)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def ab_run(tiny_dataset, tmp_path_factory) -> dict:
+    import json
+
+    root = tmp_path_factory.mktemp("ab")
+    environ = trainer_env(tiny_dataset, LOG_DIR=root / "logs")
+    argv = AB_ARMS + AB_COMMON + ["--seeds", "1,2", "--out", str(root / "e2e")]
+    code, stdout, stderr = run_ab(argv, environ)
+    assert code == 0, stdout + stderr
+    summaries = {path.stem: json.loads(path.read_text()) for path in (root / "logs").glob("*.json")}
+    return {"root": root, "environ": environ, "argv": argv, "out": root / "e2e", "logs": root / "logs",
+            "stdout": stdout, "summaries": summaries}

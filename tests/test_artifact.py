@@ -18,7 +18,7 @@ import train_gpt_jepa as T
 from conftest import TRAINER_PATH, cpu_runtime, tiny_hyperparameters, trainer_env
 from test_trainer import make_trainer, run_trainer
 
-ROUNDTRIP_LINE = re.compile(r"final_int6_lzma_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
+ROUNDTRIP_LINE = re.compile(r"final_int\d+_[a-z]+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
 
 
 @pytest.fixture(scope="module")
