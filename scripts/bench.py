@@ -14,6 +14,13 @@ run back to back, so the machine's drift between rounds cancels. Compare ratios,
 times, between machines. Without DATA_PATH shards a
 synthetic shard of random tokens is used (step time does not depend on token values).
 
+--pull times, for each JEPA path, a log step without and with the pull measurement
+(Trainer.log_step_pull: ||g_JEPA|| / ||g_CE|| and Muon's update cosine from a fresh forward of the
+last micro-batch), beside a plain training step: what the measurement costs in wall-clock time
+(the training clock is paused for it, so it never reaches train_time).
+
+    python3 scripts/bench.py --paths next_ema,span_ema --pull
+
 --spec FILE replaces the built-in paths by {"name": {"ENV": "value", ...}, ...}: each path's
 complete settings (scripts/ab.py measures its arms this way for --budget compute); ratios are
 then against --baseline. Every path is timed with its JEPA weight constant (JEPA_WARMUP_STEPS=0,
@@ -109,6 +116,66 @@ def measure(paths: dict[str, dict[str, str]], steps: int, rounds: int, warmup: i
     return timings, peak_mib, runtime
 
 
+def measure_pull_cost(environ: dict[str, str], steps: int, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Per round, the median ms of: a training step; a log step as the loop runs it without the pull
+    (step, metric read, JEPA diagnostics); the same with Trainer.log_step_pull; and the pull alone."""
+    trainer = build_trainer(environ, environ["DATA_PATH"])
+    step = 0
+    for step in range(warmup):
+        trainer.step(step, lambda: 0.0)
+    runtime = trainer.runtime
+    figures: dict[str, list[float]] = {"train_step": [], "log_step": [], "log_step_with_pull": [], "pull": []}
+
+    def timed(action) -> tuple[float, object]:
+        runtime.synchronize()
+        started = time.perf_counter()
+        result = action()
+        runtime.synchronize()
+        return 1000.0 * (time.perf_counter() - started), result
+
+    def log_step(step_index: int) -> dict:
+        outcome = trainer.step(step_index, lambda: 0.0)
+        trainer.read_metrics()
+        trainer.jepa_diagnostics()
+        return outcome
+
+    for _ in range(rounds):
+        samples: dict[str, list[float]] = {name: [] for name in figures}
+        for _ in range(steps):
+            step += 1
+            samples["train_step"].append(timed(lambda: trainer.step(step, lambda: 0.0))[0])
+            step += 1
+            samples["log_step"].append(timed(lambda: log_step(step))[0])
+            step += 1
+            log_ms, outcome = timed(lambda: log_step(step))
+            pull_ms, _ = timed(lambda: trainer.log_step_pull(outcome))
+            samples["log_step_with_pull"].append(log_ms + pull_ms)
+            samples["pull"].append(pull_ms)
+        for name, values in samples.items():
+            figures[name].append(statistics.median(values))
+    return figures
+
+
+def report_pull_cost(environments: dict[str, dict[str, str]], args: argparse.Namespace) -> None:
+    first = trainer_module.load_hyperparameters(next(iter(environments.values())))
+    runtime = trainer_module.setup_runtime(first)
+    print(f"device: {trainer_module.device_name(runtime)}  torch {torch.__version__}  compile: {runtime.compile}  "
+          f"preset: {first.preset}  steps {args.steps} x rounds {args.rounds} (medians)")
+    print(f"{'path':<18}{'step_ms':>9}{'log_step_ms':>13}{'+pull_ms':>10}{'pull_ms':>9}{'pull/step':>10}"
+          f"{'per log step of TRAIN_LOG_EVERY':>33}")
+    for name, environ in environments.items():
+        hp = trainer_module.load_hyperparameters(environ)
+        if not hp.jepa_enabled:
+            continue
+        figures = measure_pull_cost(environ, args.steps, args.rounds, args.warmup)
+        median = {key: statistics.median(values) for key, values in figures.items()}
+        every = hp.train_log_every
+        overhead = median["pull"] / (every * median["train_step"]) if every > 0 else 0.0
+        print(f"{name:<18}{median['train_step']:>9.1f}{median['log_step']:>13.1f}{median['log_step_with_pull']:>10.1f}"
+              f"{median['pull']:>9.1f}{median['pull'] / median['train_step']:>10.3f}"
+              f"{f'{overhead:.2%} wall-clock at {every}':>33}")
+
+
 SYNTHETIC_FOLDERS: dict[str, str] = {}  # DATA_PATH without shards -> a synthetic shard folder, made once
 
 
@@ -137,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", help="JSON file {name: {ENV: value}}: complete settings of each path to time")
     parser.add_argument("--baseline", default="vanilla", help="the path ratios are taken against (default vanilla)")
     parser.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
+    parser.add_argument("--pull", action="store_true",
+                        help="time a log step with and without the JEPA pull measurement instead (JEPA paths)")
     args = parser.parse_args(argv)
 
     extra = dict(item.split("=", 1) for item in args.env.split())
@@ -151,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--paths: unknown paths {unknown}")
         path_settings = {name: {**PATHS[name], **extra} for name in names}
         base = {"PRESET": args.preset, "WARMDOWN_ITERS": "0", "FINAL_EMA": "0"}
-    if args.baseline not in path_settings:
+    if not args.pull and args.baseline not in path_settings:
         parser.error(f"--baseline {args.baseline}: not among the paths ({', '.join(path_settings)})")
     environments = {name: with_data({**base, **settings, **TIMING_SETTINGS}) for name, settings in path_settings.items()}
+    if args.pull:
+        report_pull_cost(environments, args)
+        return 0
     timings, peak_mib, runtime = measure(environments, args.steps, args.rounds, args.warmup)
     names = list(environments)
     hp = trainer_module.load_hyperparameters(environments[args.baseline])

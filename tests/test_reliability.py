@@ -23,7 +23,7 @@ from test_trainer import run_trainer
 # SWA snapshots (of the EMA) after steps 4 and 6 go into the checkpoint, four more follow; late QAT starts after the resume.
 RESUME_SETTINGS = dict(ITERATIONS=14, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=5, FINAL_EMA=1, TARGET_EMA_DECAY=0.9,
                        JEPA_MODE="span", WARMDOWN_ITERS=12, LR_WARMUP_STEPS=2, JEPA_WARMUP_STEPS=3,
-                       SWA_EVERY=2, SWA_START_LR=0.95)
+                       SWA_ENABLED=1, SWA_EVERY=2, SWA_START_LR=0.95)
 
 
 def comparable(summary: dict) -> dict:
