@@ -234,6 +234,9 @@ def build_submission(plan: ab.Plan, arm: str, runs: list[ab.Run], args: argparse
     code counted as the folder's train_gpt.py."""
     summaries = [run.summary for run in runs]
     track, track_reason = track_of(runs)
+    # Where the folder lives, relative to the repository when inside it (the entry points at it).
+    out = Path(args.out).resolve()
+    record_folder = str(out.relative_to(REPO_ROOT)) if out.is_relative_to(REPO_ROOT) else str(args.out)
     losses = [s["roundtrip_val_loss"] for s in summaries]
     scores = [s["roundtrip_val_bpb"] for s in summaries]
     settings = baked_settings(runs[0])
@@ -260,7 +263,7 @@ def build_submission(plan: ab.Plan, arm: str, runs: list[ab.Run], args: argparse
         "hardware": f"{summaries[0]['world_size']} x {ab.distinct(plan, 'device')}",
         "pytorch_version": ab.distinct(plan, "torch_version"),
         "dataset": ab.distinct(plan, "dataset"), "trainer_sha256": ab.distinct(plan, "code_sha256"),
-        "arm": arm, "settings": settings, "budget": ab.budget_text(plan), **comparison,
+        "arm": arm, "settings": settings, "budget": ab.budget_text(plan), "record_folder": record_folder, **comparison,
         **({"draft": True} if args.draft else {}),
     }
 

@@ -189,3 +189,19 @@ def test_track_is_the_record_track_only_on_eight_gpus_within_ten_minutes():
     track, reason = make_record.track_of([run(), run(train_time_ms=610_000.0)])
     assert track == "non_record_16mb" and "trained 610 s" in reason
     assert make_record.track_of([run(roundtrip_eval_time_ms=700_000.0)])[0] == "non_record_16mb"
+
+
+def test_the_projects_own_entry_is_a_checked_record_folder():
+    # The top-level submission.json and logs/ are make_record.py's --entry output for the record
+    # folder kept beside its A/B: the same bytes, exactly the cited logs, and the folder validates.
+    submission = json.loads((REPO_ROOT / "submission.json").read_text())
+    folder = REPO_ROOT / submission["record_folder"]
+    assert (folder / "submission.json").read_bytes() == (REPO_ROOT / "submission.json").read_bytes()
+    cited = sorted(f"train_seed{seed}.log" for seed in submission["seeds"])
+    assert sorted(path.name for path in (REPO_ROOT / "logs").iterdir()) == cited
+    for name in cited:
+        assert (REPO_ROOT / "logs" / name).read_bytes() == (folder / name).read_bytes()
+    assert submission["bytes_code"] == (folder / "train_gpt.py").stat().st_size
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "check_record.py"), str(folder)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
