@@ -387,7 +387,7 @@ def test_compute_budget_end_to_end_measures_in_one_process_and_records_the_ratio
     environ = trainer_env(tiny_dataset, LOG_DIR=tmp_path / "logs")
     argv = ["--arm", "ema:TARGET_EMA_DECAY=0.9", "--arm", "vanilla:JEPA_WEIGHT=0", "--env", "ITERATIONS=4",
             "--seeds", "1", "--calibration-steps", "1", "--calibration-rounds", "1", "--calibration-warmup", "1",
-            "--out", str(tmp_path / "compute"), "--write-submission", "ema"]
+            "--out", str(tmp_path / "compute")]
     code, stdout, stderr = run_ab(argv, environ)
     assert code == 0, stdout + stderr
     stored = json.loads((tmp_path / "compute" / "step_times.json").read_text())
@@ -405,9 +405,10 @@ def test_compute_budget_end_to_end_measures_in_one_process_and_records_the_ratio
     assert f"| ema | {step_ms:.1f} | {ratio:.3f} | {ratio:.3f} - {ratio:.3f} | {expected['ema']} |" in table
     effects = json.loads((tmp_path / "compute" / "effects.json").read_text())
     assert effects["arms"][0]["step_time_ratio"] == ratio and effects["arms"][0]["iterations"] == expected["ema"]
-    submission = json.loads((tmp_path / "compute" / "submission.json").read_text())
-    assert submission["step_time_ratio"] == ratio and submission["iterations"] == expected["ema"]
-    assert submission["baseline"]["iterations"] == 4
+    # plan.json carries what make_record.py bakes into a record: the arm's own ITERATIONS.
+    plan, _ = ab.load_plan(tmp_path / "compute")
+    assert plan.step_times["ema"]["ratio"] == ratio
+    assert {run.arm: run.settings["ITERATIONS"] for run in plan.runs} == {arm: str(n) for arm, n in expected.items()}
 
 
 def test_compute_budget_times_one_rank_of_a_multi_process_run(tmp_path):

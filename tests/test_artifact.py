@@ -127,7 +127,10 @@ def test_artifact_holds_no_jepa_part(trained_run, tiny_dataset):
 def test_training_logs_the_roundtrip_and_size_lines(trained_run):
     out = trained_run["stdout"]
     assert ROUNDTRIP_LINE.search(out)
-    assert re.search(r"Total submission size int6\+lzma: \d+ bytes", out)
+    # The size lines name the export that ran: int6 matrices, brotli (the default compressor).
+    assert re.search(r"Serialized model int6\+brotli: \d+ bytes", out)
+    assert re.search(r"Total submission size int6\+brotli: \d+ bytes", out)
+    assert "final_int6_brotli_roundtrip_exact" in out and "lzma" not in out.split("Serialized model", 1)[1]
     assert re.search(r"final_sliding val_loss:\S+ val_bpb:\S+", out)
     summary = trained_run["summary"]
     assert summary["total_bytes"] == summary["artifact_bytes"] + summary["code_bytes"]
