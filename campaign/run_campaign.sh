@@ -25,8 +25,9 @@ for argument in "${extra[@]}"; do [[ "$argument" == "--no-run" ]] && building=0;
 
 # The tiny preset at 4096 tokens per step (half its default batch: twice the steps for the same
 # CPU time), validation only at the end (64k tokens), no sliding-window pass: the score is the
-# int6+lzma roundtrip val_bpb. Baseline budget 100 steps: see stage0_budget_curve/.
-common="PRESET=tiny TRAIN_BATCH_TOKENS=4096 VAL_LOSS_EVERY=0 EVAL_STRIDE=0"
+# int6+lzma roundtrip val_bpb. Baseline budget 100 steps: see stage0_budget_curve/. SWA was on in
+# the tiny preset when these stages ran (it is off there now), so it is pinned here.
+common="PRESET=tiny TRAIN_BATCH_TOKENS=4096 VAL_LOSS_EVERY=0 EVAL_STRIDE=0 SWA_ENABLED=1"
 
 # The variants of stage 1 start from w0.1_sg (JEPA_WEIGHT=0.1, stop-gradient target) and change
 # one thing each; the weight sweep runs with the stop-gradient target (no second forward) and
