@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The second campaign, "JEPA in the regime where it acts" (campaign/README.md): every command that
+# produced the committed logs of campaign/active/, in order. The first campaign (run_campaign.sh)
+# measured JEPA where its term was ~1% of the backbone's gradient; here its strength is set by that
+# share (JEPA_GRAD_SHARE), which every train line and summary reports (jepa_grad_share).
+#
+#   bash campaign/run_active.sh dose            # or compute, data, long, all
+#   bash campaign/run_active.sh dose --no-run   # the tables again from the committed summaries
+#   CAMPAIGN_OUT=/tmp/check bash campaign/run_active.sh dose --no-run
+#
+# Machine of the published run: a shared 2-core CPU, torch 2.13.0+cpu. Runs go one at a time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+stage="${1:-all}"
+shift || true
+extra=("$@")
+out="${CAMPAIGN_OUT:-campaign}/active"
+
+# The first campaign's protocol (tiny preset, 4096 tokens per step, 100 steps, validation only at
+# the end, the int6 roundtrip val_bpb as the score) with SWA off (the tiny preset's default now;
+# pinned) and a train line every 5 steps, where the pull is measured and JEPA_GRAD_SHARE steers.
+common="PRESET=tiny TRAIN_BATCH_TOKENS=4096 VAL_LOSS_EVERY=0 EVAL_STRIDE=0 SWA_ENABLED=0 TRAIN_LOG_EVERY=5"
+# The JEPA base: next mode with a stop-gradient target (no second forward), the weight starting
+# at 0.1 and steered to the share; the ramp (JEPA_WARMUP_STEPS=20) and the anneal stay on unless
+# an arm says otherwise, so a run's mean share is below its nominal one (the tables show both).
+base="JEPA_WEIGHT=0.1 TARGET_EMA_DECAY=0"
+
+# Stage a: dose-response per step (--budget steps, stated as such): the nominal share from 0.03 to
+# 3, constant strength (no ramp, no anneal), and VICReg on the predictor side (a path to the backbone).
+dose_arms=(
+  --arm vanilla:"JEPA_WEIGHT=0"
+  --arm share0.03:"$base JEPA_GRAD_SHARE=0.03"
+  --arm share0.1:"$base JEPA_GRAD_SHARE=0.1"
+  --arm share0.3:"$base JEPA_GRAD_SHARE=0.3"
+  --arm share1:"$base JEPA_GRAD_SHARE=1"
+  --arm share3:"$base JEPA_GRAD_SHARE=3"
+  --arm const0.3:"$base JEPA_GRAD_SHARE=0.3 JEPA_ANNEAL=0 JEPA_WARMUP_STEPS=0"
+  --arm const1:"$base JEPA_GRAD_SHARE=1 JEPA_ANNEAL=0 JEPA_WARMUP_STEPS=0"
+  --arm path1:"$base JEPA_GRAD_SHARE=1 VICREG_ON=pred"
+)
+
+run_dose() {
+  python3 scripts/ab.py "${dose_arms[@]}" --seeds 1,2,3,4 --budget steps \
+    --env "$common ITERATIONS=100 LOG_DIR=campaign/active/dose/logs" \
+    --out "$out"/dose --keep-going "${extra[@]}"
+}
+
+main() {
+  case "$stage" in
+    dose) run_dose ;;
+    all) run_dose ;;
+    *) echo "usage: $0 dose|all [ab.py options]" >&2; exit 2 ;;
+  esac
+}
+
+# One line, read whole before it runs: editing this file during a campaign cannot change what runs.
+main; exit
