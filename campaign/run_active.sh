@@ -4,7 +4,7 @@
 # measured JEPA where its term was ~1% of the backbone's gradient; here its strength is set by that
 # share (JEPA_GRAD_SHARE), which every train line and summary reports (jepa_grad_share).
 #
-#   bash campaign/run_active.sh dose            # or compute, data, long, all
+#   bash campaign/run_active.sh dose            # or pull, all
 #   bash campaign/run_active.sh dose --no-run   # the tables again from the committed summaries
 #   CAMPAIGN_OUT=/tmp/check bash campaign/run_active.sh dose --no-run
 #
@@ -46,11 +46,30 @@ run_dose() {
     --out "$out"/dose --keep-going "${extra[@]}"
 }
 
+# The pull of each mode at its default weight, per step: next, span and chunk as the tiny preset
+# sets them (JEPA_WEIGHT=0.1, EMA target 0.99), nextlat at the paper's weight 1 and stp at 0.02
+# (inside the paper's 0.005-0.04), against vanilla.
+pull_arms=(
+  --arm vanilla:"JEPA_WEIGHT=0"
+  --arm next:"JEPA_MODE=next"
+  --arm span:"JEPA_MODE=span"
+  --arm chunk:"JEPA_MODE=chunk"
+  --arm nextlat:"JEPA_MODE=nextlat JEPA_WEIGHT=1"
+  --arm stp:"JEPA_MODE=stp JEPA_WEIGHT=0.02"
+)
+
+run_pull() {
+  python3 scripts/ab.py "${pull_arms[@]}" --seeds 1,2,3 --budget steps \
+    --env "$common ITERATIONS=100 LOG_DIR=campaign/active/pull/logs" \
+    --out "$out"/pull --keep-going "${extra[@]}"
+}
+
 main() {
   case "$stage" in
     dose) run_dose ;;
-    all) run_dose ;;
-    *) echo "usage: $0 dose|all [ab.py options]" >&2; exit 2 ;;
+    pull) run_pull ;;
+    all) run_dose; run_pull ;;
+    *) echo "usage: $0 dose|pull|all [ab.py options]" >&2; exit 2 ;;
   esac
 }
 
