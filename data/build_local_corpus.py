@@ -55,6 +55,10 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+# The tools' one atomic-write helper lives in scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from atomic_write import write_atomically  # noqa: E402
+
 # =============================================================================
 # CONSTANTS: the challenge's shard format and tokenizer settings
 # =============================================================================
@@ -181,27 +185,6 @@ def shard_header(num_tokens: int) -> np.ndarray:
     return header
 
 
-def current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read the umask is to set it and restore it
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, chunks: list[bytes | np.ndarray]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            for chunk in chunks:
-                temp_file.write(chunk.tobytes() if isinstance(chunk, np.ndarray) else chunk)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(temp_name, 0o666 & ~current_umask())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def read_shard(path: Path | str) -> np.ndarray:
     """The tokens of one shard as uint16, after checking its header and size."""
     path = Path(path)
@@ -251,7 +234,7 @@ class ShardWriter:
         if self.pending_tokens == 0:
             return
         path = self.folder / f"fineweb_{self.split}_{len(self.written):06d}.bin"
-        write_atomic(path, [shard_header(self.pending_tokens), *self.pending])
+        write_atomically(path, [shard_header(self.pending_tokens), *self.pending])
         self.log(f"write: {display_path(path)} ({self.pending_tokens:,} tokens)")
         self.written.append(path)
         self.total_tokens += self.pending_tokens
@@ -963,9 +946,9 @@ def build_corpus(
     # --- write: from here on a build that stops half way must not look complete (make demo
     # checks for the manifest), so the old manifest goes first and the new one comes last ---
     manifest_path.unlink(missing_ok=True)
-    write_atomic(tokenizer_path, [built_tokenizer.model_bytes])
+    write_atomically(tokenizer_path, [built_tokenizer.model_bytes])
     if built_tokenizer.vocab_bytes is not None:
-        write_atomic(tokenizer_path.with_suffix(".vocab"), [built_tokenizer.vocab_bytes])
+        write_atomically(tokenizer_path.with_suffix(".vocab"), [built_tokenizer.vocab_bytes])
     log(f"tokenizer: wrote {display_path(tokenizer_path)}")
 
     # --- encode and write ---
@@ -1019,7 +1002,7 @@ def build_corpus(
             "vocab_size": built_tokenizer.vocab_size,
         },
     }
-    write_atomic(manifest_path, [(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")])
+    write_atomically(manifest_path, [(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")])
 
     log(f"done in {time.perf_counter() - started:.1f} s: {display_path(dataset_dir)}")
     for split in ("train", "val"):

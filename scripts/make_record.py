@@ -43,6 +43,7 @@ from typing import Any
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 import ab  # noqa: E402
+from atomic_write import write_atomically  # noqa: E402
 
 REPO_ROOT = SCRIPTS.parent
 TRAINER_PATH = REPO_ROOT / "train_gpt_jepa.py"
@@ -381,12 +382,6 @@ def write_entry(entry: Path, folder: Path, runs: list[ab.Run]) -> None:
     for run in runs:
         write_atomically(logs / f"train_seed{run.seed}.log", (folder / f"train_seed{run.seed}.log").read_bytes())
     write_atomically(entry / "submission.json", (folder / "submission.json").read_bytes())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def build_record(args: argparse.Namespace) -> Path:
