@@ -1,4 +1,4 @@
-"""The two pictures of README "What the workbench found" that scripts/ab.py does not draw:
+"""The two pictures of campaign/README.md's campaign 1 (stages 0-3) that scripts/ab.py does not draw:
 
 - stage0_budget_curve/budget_curve.png: the vanilla validation curve that set stage 1's budget
   (val_bpb every 20 steps of a 300-step run, constant learning rate until its warmdown at 240);

@@ -4,7 +4,7 @@
 # measured JEPA where its term was ~1% of the backbone's gradient; here its strength is set by that
 # share (JEPA_GRAD_SHARE), which every train line and summary reports (jepa_grad_share).
 #
-#   bash campaign/run_active.sh dose            # or pull, all
+#   bash campaign/run_active.sh dose            # or pull, datacurve, all
 #   bash campaign/run_active.sh dose --no-run   # the tables again from the committed summaries
 #   CAMPAIGN_OUT=/tmp/check bash campaign/run_active.sh dose --no-run
 #
@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 stage="${1:-all}"
 shift || true
 extra=("$@")
+# With --no-run nothing trains (the tables come from the summaries).
+building=1
+for argument in "${extra[@]}"; do [[ "$argument" == "--no-run" ]] && building=0; done
 out="${CAMPAIGN_OUT:-campaign}/active"
 
 # The first campaign's protocol (tiny preset, 4096 tokens per step, 100 steps, validation only at
@@ -64,12 +67,24 @@ run_pull() {
     --out "$out"/pull --keep-going "${extra[@]}"
 }
 
+# Stage c0: the data-limited regime's vanilla curve (one run, validated every 20 steps): the first
+# 65,536 training tokens, 200 steps of 4,096 tokens = 12.5 epochs.
+limited="TRAIN_MAX_TOKENS=65536 ITERATIONS=200"
+
+run_datacurve() {
+  if (( building )) && [[ ! -f campaign/active/data_curve/logs/curve_vanilla_limited.json ]]; then
+    env $common $limited JEPA_WEIGHT=0 VAL_LOSS_EVERY=20 MAX_WALLCLOCK_SECONDS=0 \
+      LOG_DIR=campaign/active/data_curve/logs RUN_ID=curve_vanilla_limited python3 train_gpt_jepa.py
+  fi
+}
+
 main() {
   case "$stage" in
     dose) run_dose ;;
     pull) run_pull ;;
-    all) run_dose; run_pull ;;
-    *) echo "usage: $0 dose|pull|all [ab.py options]" >&2; exit 2 ;;
+    datacurve) run_datacurve ;;
+    all) run_dose; run_pull; run_datacurve ;;
+    *) echo "usage: $0 dose|pull|datacurve|all [ab.py options]" >&2; exit 2 ;;
   esac
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The research campaign of README "What the workbench found": every command that produced the
+# The first research campaign (campaign/README.md, campaign 1): every command that produced the
 # committed logs, in order. Each stage writes its own folder (logs/ = the trainer's logs and
 # summaries, table.md, effects.json, curves.png, step_times.json); rerunning a stage reuses every
 # finished run, and `--no-run` recomputes its tables from the committed summaries alone.

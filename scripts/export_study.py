@@ -7,7 +7,7 @@ and measures the artifact's bytes under every compressor, so the settings are co
 set of weights rather than across runs:
 
     python3 scripts/export_study.py /path/run.float.pt --quant clip,gptq --matrix-bits 6,5 \
-        --embed-bits 8,7 --compressors lzma,brotli,zstd --out bench/export_study.json
+        --embed-bits 8,7 --compressors lzma,brotli,zstd --out campaign/bench/export_study.json
 
 The roundtrip gap is the roundtrip val_bpb minus the unquantised weights' val_bpb, both with
 plain (non-sliding) windows as the trainer's roundtrip line. Budgets are not enforced: every
