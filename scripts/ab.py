@@ -4,15 +4,15 @@ arm's runs into a record folder).
 
     # JEPA (the current configuration) against its vanilla control at equal compute, 3 seeds:
     # the vanilla arm runs 2000 steps, the JEPA arm as many as the same compute buys
-    python3 scripts/ab.py --seeds 1,2,3 --env "ITERATIONS=2000" --out ab/next_vs_vanilla
+    python3 scripts/ab.py --seeds 1,2,3 --env "ITERATIONS=2000" --out campaign/ab/next_vs_vanilla
     # a sweep: the cartesian grid (6 arms) beside the vanilla baseline, on the CPU
     PRESET=tiny python3 scripts/ab.py --grid "JEPA_WEIGHT=0.001,0.01,0.1 TARGET_EMA_DECAY=0,0.99" \\
-        --seeds 1,2,3 --env "ITERATIONS=200" --out ab/sweep_tiny
+        --seeds 1,2,3 --env "ITERATIONS=200" --out campaign/ab/sweep_tiny
     # the per-step question: every arm the same number of steps
     PRESET=tiny python3 scripts/ab.py --arm span:"JEPA_MODE=span" --arm vanilla:"JEPA_WEIGHT=0" \\
-        --budget steps --env "ITERATIONS=200" --out ab/span_tiny
+        --budget steps --env "ITERATIONS=200" --tag span_tiny   # --out campaign/ab/span_tiny
     # the same command again reuses every finished run; --seeds 1,2,3,4,5 adds two seeds only
-    python3 scripts/make_record.py --ab ab/span_tiny --arm span --out records/span_tiny
+    python3 scripts/make_record.py --ab campaign/ab/span_tiny --arm span --out records/span_tiny
 
 Budgets (the question each answers):
 - compute (default): "is it better for the same compute?" Before any run, every arm's step time
@@ -30,17 +30,17 @@ Every run is one trainer process with identical settings except its arm's variab
 trainer's own: LOG_DIR/<RUN_ID>.txt and .json with RUN_ID = <tag>_<arm>_s<seed>; a run whose
 summary says "completed" with the same settings is reused, never run again.
 
-The score is the int6+lzma roundtrip val_bpb (lower is better). The baseline is --baseline, else
-the arm with JEPA_WEIGHT=0 (with --grid one is added if no arm has it), else the last arm. Arms
-with the same SEED start from the same backbone and see the same batches, so each arm is
-compared with the baseline by the paired t test on per-seed differences (Welch's test beside
-it), Holm-corrected across the candidate arms, with the minimum detectable difference of the
-observed spread (scripts/ab_stats.py). The challenge accepts a claim at p < 0.01.
+The score is the roundtrip val_bpb (the exported artifact loaded back; lower is better). The
+baseline is --baseline, else the arm with JEPA_WEIGHT=0 (with --grid one is added if no arm has
+it), else the last arm. Arms with the same SEED start from the same backbone and see the same
+batches, so each arm is compared with the baseline by the paired t test on per-seed differences
+(Welch's test beside it), Holm-corrected across the candidate arms, with the minimum detectable
+difference of the observed spread (scripts/ab_stats.py). The challenge accepts a claim at p < 0.01.
 
-Outputs in --out: table.md (also printed), effects.png and effects.json (paired differences with
-CIs, step-time cost), curves.png, step_times.json (compute budget), plan.json (the A/B's arms,
-settings, seeds and runs, which make_record.py reads), console/<RUN_ID>.log and
-artifacts/<RUN_ID>.int6.ptz.
+Outputs in --out (default: campaign/ab/<tag>; one of --out and --tag is needed): table.md (also
+printed; scripts/ab_report.py), effects.png and effects.json (paired differences with CIs, step-time
+cost), curves.png, step_times.json (compute budget), plan.json (the A/B's arms, settings, seeds and
+runs, which make_record.py reads), console/<RUN_ID>.log and artifacts/<RUN_ID>.int6.ptz.
 Exit status: 0 done, 1 a run failed (its log tail is printed), 2 a usage error.
 """
 
@@ -56,7 +56,6 @@ import math
 import os
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,10 +70,14 @@ if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 import ab_figures  # noqa: E402
 import ab_stats  # noqa: E402
+# table.md and effects.json; budget_text and distinct stay importable as ab.* for scripts/make_record.py.
+from ab_report import budget_text, distinct, effects_record, format_settings, render_table  # noqa: E402, F401
+from atomic_write import write_atomically  # noqa: E402
 
 REPO_ROOT = SCRIPTS.parent
 TRAINER_PATH = REPO_ROOT / "train_gpt_jepa.py"
 BENCH_PATH = SCRIPTS / "bench.py"
+DEFAULT_OUT_ROOT = Path("campaign") / "ab"  # in the repository: --out defaults to campaign/ab/<tag>
 
 WALLCLOCK_ITERATIONS = 1_000_000  # under a wall-clock budget: so high that the clock binds for every arm
 LOG_TAIL_LINES = 20
@@ -167,7 +170,7 @@ def parse_settings(text: str, where: str) -> dict[str, str]:
     return settings
 
 
-def check_arm_settings(name: str, settings: Mapping[str, str], where: str) -> None:
+def check_arm_settings(settings: Mapping[str, str], where: str) -> None:
     for variable in HARNESS_SETTINGS + BUDGET_SETTINGS:
         if variable in settings:
             raise UserError(f"{where} sets {variable}: every arm must share it (put it in --env), "
@@ -180,7 +183,7 @@ def parse_arm(text: str) -> Arm:
     if not ARM_NAME.match(name):
         raise UserError(f"--arm {text!r}: expected NAME:\"ENV=V ...\" with a NAME of letters, digits and . , = + - _")
     arm = Arm(name, parse_settings(settings, f"--arm {name}"))
-    check_arm_settings(name, arm.settings, f"--arm {name}")
+    check_arm_settings(arm.settings, f"--arm {name}")
     return arm
 
 
@@ -195,7 +198,7 @@ def parse_grid(text: str) -> list[Arm]:
     (JEPA_OFFSETS=1|1,2,4,8)."""
     axes: list[tuple[str, list[str]]] = []
     for name, values in parse_settings(text, "--grid").items():
-        choices = [value for value in values.split("|" if "|" in values else ",")]
+        choices = values.split("|" if "|" in values else ",")
         if not all(choices) or len(set(choices)) != len(choices):
             raise UserError(f"--grid {name}={values}: expected distinct non-empty values separated by ',' (or '|')")
         axes.append((name, choices))
@@ -207,7 +210,7 @@ def parse_grid(text: str) -> list[Arm]:
         arm = Arm(grid_arm_name(settings), settings)
         if not ARM_NAME.match(arm.name):
             raise UserError(f"--grid: the arm name {arm.name!r} would not be a file name: use --arm for it")
-        check_arm_settings(arm.name, settings, f"--grid {text!r}")
+        check_arm_settings(settings, f"--grid {text!r}")
         arms.append(arm)
     return arms
 
@@ -226,6 +229,11 @@ def load_trainer_module() -> Any:
     import train_gpt_jepa
 
     return train_gpt_jepa
+
+
+def trainer_sha256() -> str:
+    # Hashed as the trainer hashes itself (its text, UTF-8 encoded), so the two always agree.
+    return hashlib.sha256(TRAINER_PATH.read_text(encoding="utf-8").encode("utf-8")).hexdigest()
 
 
 def choose_arms(args: argparse.Namespace) -> tuple[list[Arm], str]:
@@ -248,6 +256,45 @@ def choose_arms(args: argparse.Namespace) -> tuple[list[Arm], str]:
     if args.baseline is not None and args.baseline not in names:
         raise UserError(f"--baseline {args.baseline}: not an arm (arms: {', '.join(names)})")
     return arms, args.baseline or (vanilla_arms[0] if vanilla_arms else arms[-1].name)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected integers separated by commas, e.g. 1,2,3") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def output_folder_and_tag(args: argparse.Namespace) -> tuple[Path, str]:
+    """--out and the RUN_ID prefix: each defaults from the other (the tag to the folder's name, the
+    folder to campaign/ab/<tag>, where the campaign keeps its A/Bs)."""
+    if args.out is None and args.tag is None:
+        raise UserError("give --out FOLDER or --tag NAME (the outputs then go to campaign/ab/NAME)")
+    out_dir = Path(args.out).resolve() if args.out is not None else None
+    tag = args.tag or re.sub(r"[^A-Za-z0-9_-]+", "_", out_dir.name).strip("_") or "ab"
+    if not ARM_NAME.match(tag):
+        raise UserError(f"--tag {tag!r}: use letters, digits, '-' and '_'")
+    return out_dir or REPO_ROOT / DEFAULT_OUT_ROOT / tag, tag
+
+
+def common_settings(args: argparse.Namespace, environ: Mapping[str, str],
+                    trainer_variables: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The trainer variables of the caller's environment, and the settings every run shares."""
+    # Trainer variables already in the caller's environment apply to every run, as they would to
+    # a plain launch; they are recorded as common settings so the table and the record show them.
+    from_environment = {name: environ[name] for name in sorted(trainer_variables & set(environ))
+                        if name not in HARNESS_SETTINGS}
+    common = dict(from_environment)
+    for text in args.env:
+        extra = parse_settings(text, "--env")
+        for variable in HARNESS_SETTINGS:
+            if variable in extra:
+                raise UserError(f"--env sets {variable}: this harness sets it for each run")
+        common.update(extra)
+    return from_environment, common
 
 
 def apply_budget(budget: str, common: dict[str, str], resolve: Callable[[dict[str, str]], Any]) -> None:
@@ -275,57 +322,9 @@ def apply_budget(budget: str, common: dict[str, str], resolve: Callable[[dict[st
     common.setdefault("ITERATIONS", str(WALLCLOCK_ITERATIONS))
 
 
-# Measures {arm: settings} in one process; returns ({arm: (step ms, ratio to the baseline, per-round
-# ratios)}, device).
-StepTimer = Callable[["Plan", dict[str, dict[str, str]]], tuple[dict[str, tuple[float, float, list[float]]], str]]
-
-
-def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer: StepTimer | None = None) -> Plan:
-    """Arms, seeds, settings and, under --budget compute, every arm's ITERATIONS from measured step
-    times (step_timer measures {arm: settings} and returns ({arm: ms}, device); injectable for tests)."""
-    trainer = load_trainer_module()
-    trainer_variables = {f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)} | {"PRESET"}
-    arms, baseline = choose_arms(args)
-    try:
-        seeds = [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 1,2,3") from None
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {args.seeds!r}: a seed is repeated")
-
-    # Trainer variables already in the caller's environment apply to every run, as they would to
-    # a plain launch; they are recorded as common settings so the table and the record show them.
-    from_environment = {name: environ[name] for name in sorted(trainer_variables & set(environ))
-                        if name not in HARNESS_SETTINGS}
-    common = dict(from_environment)
-    for text in args.env:
-        extra = parse_settings(text, "--env")
-        for variable in HARNESS_SETTINGS:
-            if variable in extra:
-                raise UserError(f"--env sets {variable}: this harness sets it for each run")
-        common.update(extra)
-    base_environment = {name: value for name, value in environ.items() if name not in trainer_variables}
-
-    def resolve(settings: dict[str, str]) -> Any:
-        try:  # unknown names (typos) and malformed values fail here, before any run starts
-            return trainer.load_hyperparameters({**base_environment, **settings})
-        except trainer.ConfigError as error:
-            raise UserError(str(error)) from None
-
-    apply_budget(args.budget, common, resolve)
-
-    out_dir = Path(args.out).resolve()
-    tag = args.tag or re.sub(r"[^A-Za-z0-9_-]+", "_", out_dir.name).strip("_") or "ab"
-    if not ARM_NAME.match(tag):
-        raise UserError(f"--tag {tag!r}: use letters, digits, '-' and '_'")
-    log_dir = REPO_ROOT / common.get("LOG_DIR", "logs")  # runs start in the repository root
-    plan = Plan(arms, baseline, seeds, args.budget, common, from_environment, base_environment,
-                shlex.split(args.launcher) or [sys.executable], out_dir, log_dir,
-                calibration={"steps": args.calibration_steps, "rounds": args.calibration_rounds,
-                             "warmup": args.calibration_warmup})
-
-    # Two arms that train the same thing would make a meaningless comparison: refuse them before
-    # any measurement or run.
+def refuse_identical_arms(arms: list[Arm], common: dict[str, str], resolve: Callable[[dict[str, str]], Any]) -> None:
+    """Two arms that train the same thing would make a meaningless comparison: refuse them before
+    any measurement or run."""
     configs: dict[str, dict[str, Any]] = {}
     for arm in arms:
         try:
@@ -338,6 +337,36 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer:
             if configs[arm.name] == configs[other.name]:
                 raise UserError(f"arms {arm.name} and {other.name} resolve to the same configuration")
 
+
+# Measures {arm: settings} in one process; returns ({arm: (step ms, ratio to the baseline, per-round
+# ratios)}, device).
+StepTimer = Callable[["Plan", dict[str, dict[str, str]]], tuple[dict[str, tuple[float, float, list[float]]], str]]
+
+
+def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer: StepTimer | None = None) -> Plan:
+    """Arms, seeds, settings and, under --budget compute, every arm's ITERATIONS from step times
+    measured by step_timer (injectable for tests)."""
+    out_dir, tag = output_folder_and_tag(args)
+    trainer = load_trainer_module()
+    trainer_variables = {f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)} | {"PRESET"}
+    arms, baseline = choose_arms(args)
+    seeds = parse_seeds(args.seeds)
+    from_environment, common = common_settings(args, environ, trainer_variables)
+    base_environment = {name: value for name, value in environ.items() if name not in trainer_variables}
+
+    def resolve(settings: dict[str, str]) -> Any:
+        try:  # unknown names (typos) and malformed values fail here, before any run starts
+            return trainer.load_hyperparameters({**base_environment, **settings})
+        except trainer.ConfigError as error:
+            raise UserError(str(error)) from None
+
+    apply_budget(args.budget, common, resolve)
+    log_dir = REPO_ROOT / common.get("LOG_DIR", "logs")  # runs start in the repository root
+    plan = Plan(arms, baseline, seeds, args.budget, common, from_environment, base_environment,
+                shlex.split(args.launcher) or [sys.executable], out_dir, log_dir,
+                calibration={"steps": args.calibration_steps, "rounds": args.calibration_rounds,
+                             "warmup": args.calibration_warmup})
+    refuse_identical_arms(arms, common, resolve)
     if args.budget == "compute":
         plan.step_times = calibrate(plan, args, step_timer or measure_step_times)
     for seed in seeds:  # interleaved: seed 1 of every arm, then seed 2, ...
@@ -353,6 +382,131 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str], step_timer:
 
 
 # =============================================================================
+# RUNNING: trainer processes, their summaries, reuse
+# =============================================================================
+
+
+def read_json(path: Path, what: str, advice: str = "") -> Any:
+    """A JSON file this harness or the trainer wrote; None when it does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a readable {what} ({error}){advice}") from None
+
+
+def write_json(path: Path, record: Any, sort_keys: bool = False) -> None:
+    # Atomically: a reader (or a rerun after a crash) never meets half a summary, plan or measurement.
+    write_atomically(path, json.dumps(record, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def run_logged(command: list[str], environment: Mapping[str, str], console_path: Path) -> int:
+    """Run a command from the repository root with its output in console_path; its exit status."""
+    console_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(console_path, "w", encoding="utf-8") as console:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(environment), stdout=console,
+                                   stderr=subprocess.STDOUT)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.wait()  # the child got the same SIGINT: let it save its checkpoint and exit
+            raise
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (no output)"
+
+
+def summary_path(plan: Plan, run: Run) -> Path:
+    return plan.log_dir / f"{run.run_id}.json"
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    return read_json(path, "summary")
+
+
+def check_same_settings(plan: Plan, run: Run, summary: dict[str, Any], no_run: bool = False) -> None:
+    """A reused summary must come from the settings requested now, or the A/B would mix
+    experiments; and, when new runs will join it, from the same trainer code (--no-run only
+    reads: its table names every trainer sha256 it found)."""
+    if not no_run and summary.get("code_sha256") != trainer_sha256():
+        raise UserError(f"{summary_path(plan, run)} was produced by train_gpt_jepa.py with sha256 "
+                        f"{summary.get('code_sha256')}, not the current {trainer_sha256()}: new runs would mix "
+                        f"trainer versions; use another --tag or --out (or --no-run to read the old A/B)")
+    stored = summary.get("config", {})
+    differences = [f"{name.upper()}: {stored[name]!r} there, {value!r} now" for name, value in run.config.items()
+                   if name not in LOCATION_FIELDS and name in stored and stored[name] != value]
+    if differences:
+        raise UserError(f"{summary_path(plan, run)} was produced with other settings ({'; '.join(differences[:3])}): "
+                        f"use another --tag or --out for this A/B")
+
+
+def launch(plan: Plan, run: Run) -> None:
+    """Run one trainer process from the repository root; its console output goes to a file."""
+    console_path = plan.out_dir / "console" / f"{run.run_id}.log"
+    return_code = run_logged(plan.launcher + [str(TRAINER_PATH)], {**plan.base_environment, **run.settings},
+                             console_path)
+    summary = read_summary(summary_path(plan, run))
+    if return_code != 0 or summary is None or summary.get("status") != "completed":
+        status = summary.get("status") if summary else "no summary"
+        raise RunFailed(f"run {run.run_id} (arm {run.arm}, seed {run.seed}) failed: exit status {return_code}, "
+                        f"{status}; last lines of {console_path}:\n{log_tail(console_path)}")
+    # The summary records the A/B it belongs to: budget, baseline and, under compute, the
+    # measured step-time ratio that set this run's ITERATIONS.
+    summary["ab"] = {"tag": run.run_id.rsplit(f"_{run.arm}_s", 1)[0], "arm": run.arm, "baseline": plan.baseline,
+                     "budget": plan.budget, "iterations": run.config["iterations"],
+                     "step_time_ratio": plan.step_times.get(run.arm, {}).get("ratio")}
+    write_json(summary_path(plan, run), summary, sort_keys=True)
+    run.summary = summary
+
+
+def describe_missing(plan: Plan, run: Run) -> str:
+    """Where a run's summary should be and why it does not count (missing, or not completed)."""
+    summary = read_summary(summary_path(plan, run))
+    status = "missing"
+    if summary is not None:
+        status = f"status {summary.get('status')}: {summary.get('error', '')}".rstrip(": ")
+    return f"{summary_path(plan, run)} ({status})"
+
+
+def execute(plan: Plan, no_run: bool, keep_going: bool) -> list[str]:
+    """Reuse completed runs, launch the others in order; return the failures' messages."""
+    for run in plan.runs:  # every reused summary is checked before the first (long) run starts
+        summary = read_summary(summary_path(plan, run))
+        if summary is not None and summary.get("status") == "completed":
+            check_same_settings(plan, run, summary, no_run)
+            run.summary, run.outcome = summary, "reused"
+    pending = [run for run in plan.runs if run.outcome == "pending"]
+    if no_run and pending:
+        raise UserError(f"--no-run: no completed summary for {len(pending)} run(s): "
+                        f"{'; '.join(describe_missing(plan, run) for run in pending)}")
+
+    failures: list[str] = []
+    for index, run in enumerate(plan.runs, start=1):
+        print(f"run {index}/{len(plan.runs)}: {run.arm} seed {run.seed} ({run.run_id}) ... ", end="", flush=True)
+        if run.outcome == "reused":
+            print(f"reused: roundtrip val_bpb {run.summary['roundtrip_val_bpb']:.4f}", flush=True)
+            continue
+        started = time.perf_counter()
+        try:
+            launch(plan, run)
+        except RunFailed as failure:
+            print("failed", flush=True)
+            run.outcome = "failed"
+            if not keep_going:
+                raise
+            print(f"error: {failure}", file=sys.stderr, flush=True)
+            failures.append(str(failure))
+            continue
+        run.outcome = "ran"
+        print(f"done in {time.perf_counter() - started:.0f} s: roundtrip val_bpb "
+              f"{run.summary['roundtrip_val_bpb']:.4f}", flush=True)
+    return failures
+
+
+# =============================================================================
 # EQUAL COMPUTE: step times measured in one process
 # =============================================================================
 
@@ -365,17 +519,15 @@ def timing_settings(plan: Plan, arm: Arm) -> dict[str, str]:
 
 def launcher_world_size(launcher: list[str]) -> int:
     """Processes a torchrun launcher starts (--nproc_per_node x --nnodes); 1 for a plain Python."""
-    values: dict[str, int] = {}
+    values = {"--nproc_per_node": 1, "--nnodes": 1}
     for index, part in enumerate(launcher):
-        for flag in ("--nproc_per_node", "--nproc-per-node", "--nnodes"):
-            text = None
-            if part.startswith(flag + "="):
-                text = part.split("=", 1)[1]
-            elif part == flag and index + 1 < len(launcher):
-                text = launcher[index + 1]
-            if text is not None and text.isdigit():
-                values[flag.lstrip("-").replace("-", "_")] = int(text)
-    return values.get("nproc_per_node", 1) * values.get("nnodes", 1)
+        flag, equals, text = part.partition("=")
+        if not equals and index + 1 < len(launcher):  # "--nnodes 2" as well as "--nnodes=2"
+            text = launcher[index + 1]
+        flag = flag.replace("--nproc-per-node", "--nproc_per_node")  # torchrun accepts both spellings
+        if flag in values and text.isdigit():
+            values[flag] = int(text)
+    return values["--nproc_per_node"] * values["--nnodes"]
 
 
 def per_rank_settings(plan: Plan, settings: dict[str, str]) -> dict[str, str]:
@@ -419,12 +571,7 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
     baseline; a changed baseline (its settings or which arm it is) remeasures everything, and so
     does, before new runs, another trainer, launcher or machine. --no-run reads what the runs used."""
     path = plan.out_dir / STEP_TIMES_FILE
-    stored: dict[str, Any] = {"arms": {}}
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}: not readable ({error}); delete it to measure again") from None
+    stored = read_json(path, "measurement", "; delete it to measure again") or {"arms": {}}
     by_name = {arm.name: arm for arm in plan.arms}
     valid = {name: entry for name, entry in stored.get("arms", {}).items()
              if name in by_name and entry.get("settings") == timing_settings(plan, by_name[name])}
@@ -461,12 +608,8 @@ def calibrate(plan: Plan, args: argparse.Namespace, step_timer: StepTimer) -> di
         entry["iterations"] = iterations[name]
     if not missing:  # nothing measured now: the context is the stored measurement's
         context = {key: stored.get(key) for key in context}
-    record = {**context, "baseline_iterations": baseline_iterations,
-              "arms": {**{arm.name: valid[arm.name] for arm in plan.arms}, **others}}
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json(path, {**context, "baseline_iterations": baseline_iterations,
+                      "arms": {**{arm.name: valid[arm.name] for arm in plan.arms}, **others}})
     return {arm.name: valid[arm.name] for arm in plan.arms}
 
 
@@ -475,18 +618,15 @@ def measure_step_times(plan: Plan, settings_by_arm: dict[str, dict[str, str]]
     """scripts/bench.py --spec in a subprocess with the runs' environment (threads, visible devices):
     one process builds every arm's Trainer and times its real step in interleaved rounds; each
     ratio is the median over rounds of the arm's time over the baseline's in the same round."""
-    args = plan.calibration
     console_path = plan.out_dir / "console" / "step_times.log"
-    console_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         spec, result = Path(folder) / "spec.json", Path(folder) / "times.json"
         spec.write_text(json.dumps(settings_by_arm), encoding="utf-8")
         command = [sys.executable, str(BENCH_PATH), "--spec", str(spec), "--baseline", plan.baseline,
-                   "--json", str(result), "--steps", str(args["steps"]), "--rounds", str(args["rounds"]),
-                   "--warmup", str(args["warmup"])]
-        with open(console_path, "w", encoding="utf-8") as console:
-            code = subprocess.run(command, cwd=REPO_ROOT, env=plan.base_environment, stdout=console,
-                                  stderr=subprocess.STDOUT, check=False).returncode
+                   "--json", str(result)]
+        for option in ("steps", "rounds", "warmup"):
+            command += [f"--{option}", str(plan.calibration[option])]
+        code = run_logged(command, plan.base_environment, console_path)
         if code != 0 or not result.is_file():
             raise RunFailed(f"measuring step times failed (exit status {code}); last lines of {console_path}:\n"
                             f"{log_tail(console_path)}")
@@ -500,385 +640,21 @@ def measure_step_times(plan: Plan, settings_by_arm: dict[str, dict[str, str]]
 
 
 # =============================================================================
-# RUNNING AND READING SUMMARIES
+# OUTPUTS: the analysis, table.md, effects.json, the pictures and plan.json
 # =============================================================================
 
 
-def summary_path(plan: Plan, run: Run) -> Path:
-    return plan.log_dir / f"{run.run_id}.json"
-
-
-def read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not a readable summary ({error})") from None
-
-
-def check_same_settings(plan: Plan, run: Run, summary: dict[str, Any], no_run: bool = False) -> None:
-    """A reused summary must come from the settings requested now, or the A/B would mix
-    experiments; and, when new runs will join it, from the same trainer code (--no-run only
-    reads: its table names every trainer sha256 it found)."""
-    if not no_run and summary.get("code_sha256") != trainer_sha256():
-        raise UserError(f"{summary_path(plan, run)} was produced by train_gpt_jepa.py with sha256 "
-                        f"{summary.get('code_sha256')}, not the current {trainer_sha256()}: new runs would mix "
-                        f"trainer versions; use another --tag or --out (or --no-run to read the old A/B)")
-    stored = summary.get("config", {})
-    differences = [f"{name.upper()}: {stored[name]!r} there, {value!r} now" for name, value in run.config.items()
-                   if name not in LOCATION_FIELDS and name in stored and stored[name] != value]
-    if differences:
-        raise UserError(f"{summary_path(plan, run)} was produced with other settings ({'; '.join(differences[:3])}): "
-                        f"use another --tag or --out for this A/B")
-
-
-def write_plan(plan: Plan, command_line: str) -> None:
-    """OUT/plan.json: everything that defines the A/B (arms, baseline, seeds, budget, settings,
-    each run's id, settings and resolved configuration, the step times), so that a record folder
-    can be built from it later without repeating the command."""
-    record = {
-        "command": command_line, "arms": [dataclasses.asdict(arm) for arm in plan.arms], "baseline": plan.baseline,
-        "seeds": plan.seeds, "budget": plan.budget, "common": plan.common, "from_environment": plan.from_environment,
-        "launcher": plan.launcher, "log_dir": str(plan.log_dir), "step_times": plan.step_times,
-        "calibration": plan.calibration,
-        "runs": [{"arm": run.arm, "seed": run.seed, "run_id": run.run_id, "settings": run.settings,
-                  "config": run.config} for run in plan.runs],
-    }
-    temporary = plan.out_dir / f".{PLAN_FILE}.tmp"
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, plan.out_dir / PLAN_FILE)
-
-
-def load_plan(out_dir: Path) -> tuple[Plan, str]:
-    """The plan an earlier invocation wrote to OUT/plan.json, with every run's summary read back
-    (all must be completed); returns it and the command that made it."""
-    path = out_dir / PLAN_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: point at the --out folder of an A/B run by scripts/ab.py") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not a readable plan ({error})") from None
-    plan = Plan([Arm(**arm) for arm in record["arms"]], record["baseline"], record["seeds"], record["budget"],
-                record["common"], record["from_environment"], {}, record["launcher"], out_dir.resolve(),
-                Path(record["log_dir"]), step_times=record["step_times"], calibration=record["calibration"])
-    plan.runs = [Run(**run) for run in record["runs"]]
-    execute(plan, no_run=True, keep_going=False)
-    return plan, record["command"]
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (no output)"
-
-
-def launch(plan: Plan, run: Run) -> None:
-    """Run one trainer process from the repository root; its console output goes to a file."""
-    console_path = plan.out_dir / "console" / f"{run.run_id}.log"
-    console_path.parent.mkdir(parents=True, exist_ok=True)
-    command = plan.launcher + [str(TRAINER_PATH)]
-    environment = {**plan.base_environment, **run.settings}
-    with open(console_path, "w", encoding="utf-8") as console:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=console, stderr=subprocess.STDOUT)
-        try:
-            return_code = process.wait()
-        except KeyboardInterrupt:
-            process.wait()  # the trainer got the same SIGINT: let it save its checkpoint and exit
-            raise
-    summary = read_summary(summary_path(plan, run))
-    if return_code != 0 or summary is None or summary.get("status") != "completed":
-        status = summary.get("status") if summary else "no summary"
-        raise RunFailed(f"run {run.run_id} (arm {run.arm}, seed {run.seed}) failed: exit status {return_code}, "
-                        f"{status}; last lines of {console_path}:\n{log_tail(console_path)}")
-    # The summary records the A/B it belongs to: budget, baseline and, under compute, the
-    # measured step-time ratio that set this run's ITERATIONS.
-    summary["ab"] = {"tag": run.run_id.rsplit(f"_{run.arm}_s", 1)[0], "arm": run.arm, "baseline": plan.baseline,
-                     "budget": plan.budget, "iterations": run.config["iterations"],
-                     "step_time_ratio": plan.step_times.get(run.arm, {}).get("ratio")}
-    temporary = summary_path(plan, run).with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, summary_path(plan, run))
-    run.summary = summary
-
-
-def execute(plan: Plan, no_run: bool, keep_going: bool) -> list[str]:
-    """Reuse completed runs, launch the others in order; return the failures' messages."""
-    for run in plan.runs:  # every reused summary is checked before the first (long) run starts
-        summary = read_summary(summary_path(plan, run))
-        if summary is not None and summary.get("status") == "completed":
-            check_same_settings(plan, run, summary, no_run)
-            run.summary, run.outcome = summary, "reused"
-    pending = [run for run in plan.runs if run.outcome == "pending"]
-    if no_run and pending:
-        described = []
-        for run in pending:
-            summary = read_summary(summary_path(plan, run))
-            status = "missing"
-            if summary is not None:
-                status = f"status {summary.get('status')}: {summary.get('error', '')}".rstrip(": ")
-            described.append(f"{summary_path(plan, run)} ({status})")
-        raise UserError(f"--no-run: no completed summary for {len(pending)} run(s): {'; '.join(described)}")
-
-    failures: list[str] = []
-    for index, run in enumerate(plan.runs, start=1):
-        print(f"run {index}/{len(plan.runs)}: {run.arm} seed {run.seed} ({run.run_id}) ... ", end="", flush=True)
-        if run.outcome == "reused":
-            print(f"reused: roundtrip val_bpb {run.summary['roundtrip_val_bpb']:.4f}", flush=True)
-            continue
-        started = time.perf_counter()
-        try:
-            launch(plan, run)
-        except RunFailed as failure:
-            print("failed", flush=True)
-            run.outcome = "failed"
-            if not keep_going:
-                raise
-            print(f"error: {failure}", file=sys.stderr, flush=True)
-            failures.append(str(failure))
-            continue
-        run.outcome = "ran"
-        print(f"done in {time.perf_counter() - started:.0f} s: roundtrip val_bpb "
-              f"{run.summary['roundtrip_val_bpb']:.4f}", flush=True)
-    return failures
-
-
-# =============================================================================
-# ANALYSIS: paired differences against the baseline, Holm across arms
-# =============================================================================
-
-
-@dataclass
-class Comparison:
-    """One candidate arm against the baseline."""
-
-    arm: str
-    paired: ab_stats.TestResult  # the primary test: per-seed differences
-    welch: ab_stats.TestResult  # beside it: the arms as independent samples
-    pre_quant: ab_stats.TestResult  # paired, on the pre-quantisation val_bpb
-    seed_differences: dict[int, float]
-    p_holm: float | None = None
-    mde: float | None = None  # smallest difference these pairs detect (80% power, p < 0.01)
-    seeds_for_bar: int | None = None  # pairs that would detect the challenge's 0.005
-
-    @property
-    def significant(self) -> bool:
-        return (self.p_holm is not None and self.p_holm < ab_stats.SIGNIFICANCE_LEVEL
-                and self.paired.difference is not None and self.paired.difference < 0)
-
-    def verdict(self) -> str:
-        result = self.paired
-        if result.p_one_sided is None:
-            return result.reason
-        if self.significant:
-            return f"beats the baseline (Holm p < {ab_stats.SIGNIFICANCE_LEVEL})"
-        if 1.0 - result.p_one_sided < ab_stats.SIGNIFICANCE_LEVEL:
-            return f"loses to the baseline (one-sided p < {ab_stats.SIGNIFICANCE_LEVEL} the other way, unadjusted)"
-        return f"tie: not significant at p < {ab_stats.SIGNIFICANCE_LEVEL}"
-
-
-def analyse(plan: Plan) -> list[Comparison]:
-    """Every candidate arm against the baseline, Holm-adjusted across them, sorted as the
-    leaderboard: by paired difference, best (most negative) first; arms without one last."""
-    baseline = plan.seed_scores(plan.baseline)
-    baseline_pre_quant = plan.seed_scores(plan.baseline, "val_bpb")
-    comparisons = []
-    for arm in plan.arms:
-        if arm.name == plan.baseline:
-            continue
-        scores = plan.seed_scores(arm.name)
-        paired = ab_stats.paired_test(scores, baseline)
-        comparisons.append(Comparison(
-            arm.name, paired, ab_stats.welch_test(list(scores.values()), list(baseline.values())),
-            ab_stats.paired_test(plan.seed_scores(arm.name, "val_bpb"), baseline_pre_quant),
-            {seed: scores[seed] - baseline[seed] for seed in sorted(scores) if seed in baseline},
-            mde=ab_stats.minimum_detectable_difference(paired.std_of_differences, paired.n),
-            seeds_for_bar=ab_stats.seeds_needed(paired.std_of_differences)))
-    for comparison, adjusted in zip(comparisons, ab_stats.holm_adjust([c.paired.p_one_sided for c in comparisons])):
-        comparison.p_holm = adjusted
-    return sorted(comparisons, key=lambda c: (c.paired.difference is None, c.paired.difference or 0.0))
-
-
-def effects_record(plan: Plan, comparisons: list[Comparison]) -> dict[str, Any]:
-    """effects.json: exactly the numbers effects.png draws (and the leaderboard prints)."""
-    return {
-        "metric": "roundtrip_val_bpb", "baseline": plan.baseline,
-        "baseline_settings": format_settings(plan.arm_settings(plan.baseline)),
-        "budget": plan.budget, "budget_text": budget_text(plan), "dataset": distinct(plan, "dataset"),
-        "device": distinct(plan, "device"), "trainer_sha256": distinct(plan, "code_sha256"),
-        "significance_level": ab_stats.SIGNIFICANCE_LEVEL, "bar": -ab_stats.CHALLENGE_EFFECT,
-        "baseline_iterations": plan.iterations(plan.baseline),
-        "baseline_seeds": sorted(plan.seed_scores(plan.baseline)),
-        "arms": [{
-            "arm": c.arm, "settings": format_settings(plan.arm_settings(c.arm)), "n_pairs": c.paired.n,
-            "difference": c.paired.difference, "ci_low": c.paired.ci_low, "ci_high": c.paired.ci_high,
-            "p_one_sided": c.paired.p_one_sided, "p_holm": c.p_holm, "significant": c.significant,
-            "welch_difference": c.welch.difference, "welch_p_one_sided": c.welch.p_one_sided,
-            "seed_differences": {str(seed): value for seed, value in c.seed_differences.items()},
-            "step_time_ratio": plan.step_times.get(c.arm, {}).get("ratio"), "iterations": plan.iterations(c.arm),
-            "mde": c.mde, "seeds_for_bar": c.seeds_for_bar, "verdict": c.verdict(),
-        } for c in comparisons],
-    }
-
-
-# =============================================================================
-# THE TABLE
-# =============================================================================
-
-
-def format_mean_std(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def format_settings(settings: Mapping[str, str]) -> str:
-    return " ".join(f"{name}={shlex.quote(value)}" for name, value in settings.items())
-
-
-def distinct(plan: Plan, key: str) -> str:
-    values = sorted({str(run.summary.get(key)) for arm in plan.arms for run in plan.arm_runs(arm.name)})
-    return ", ".join(values) or "—"
-
-
-def table_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def format_optional(value: float | None, pattern: str) -> str:
-    return format(value, pattern) if value is not None else "—"
-
-
-def format_ci(result: ab_stats.TestResult) -> str:
-    return f"[{result.ci_low:+.4f}, {result.ci_high:+.4f}]" if result.ci_low is not None else "—"
-
-
-def budget_text(plan: Plan) -> str:
-    if plan.budget == "steps":
-        return f"steps: ITERATIONS={plan.common['ITERATIONS']} for every run, no wall-clock cap"
-    if plan.budget == "compute":
-        return (f"compute: baseline ITERATIONS={plan.common['ITERATIONS']}, every other arm "
-                f"round(ITERATIONS x t_baseline / t_arm) from step times measured in one process; "
-                f"no wall-clock cap")
-    return (f"wall-clock: MAX_WALLCLOCK_SECONDS={plan.common['MAX_WALLCLOCK_SECONDS']} of training per run "
-            f"(ITERATIONS={plan.common['ITERATIONS']} only as an upper bound)")
-
-
-def render_table(plan: Plan, command_line: str, failures: list[str], comparisons: list[Comparison]) -> str:
-    lines = [f"# A/B: {len(plan.arms) - 1} arm(s) against `{plan.baseline}`", ""]
-    for arm in plan.arms:
-        described = f"`{format_settings(arm.settings)}`" if arm.settings else "the common settings as they are"
-        lines.append(f"- arm `{arm.name}`{' (baseline)' if arm.name == plan.baseline else ''}: {described}")
-    shas = distinct(plan, "code_sha256")
-    candidates = len(plan.arms) - 1
-    lines += [
-        f"- common settings: `{format_settings(plan.common)}`",
-        f"- seeds: {', '.join(map(str, plan.seeds))} (runs interleaved by seed; equal seeds share the initial "
-        f"backbone and the batches)",
-        f"- budget: {budget_text(plan)}",
-        f"- device: {distinct(plan, 'device')}; processes per run: {distinct(plan, 'world_size')}",
-        f"- dataset: {distinct(plan, 'dataset')}",
-        f"- trainer sha256: {shas}" + (" (**runs from different trainer versions**)" if "," in shas else ""),
-        f"- command: `{command_line}`",
-        (f"- statistics (scipy): paired t test on per-seed differences (primary), Welch's test beside it, "
-         f"Holm's correction across the {candidates} candidate arm(s); MDE: the smallest true difference the "
-         f"paired test detects with {ab_stats.POWER:.0%} power at p < {ab_stats.SIGNIFICANCE_LEVEL}"),
-        "- pictures: [effects.png](effects.png) (paired differences, step-time cost; numbers in "
-        "[effects.json](effects.json)), [curves.png](curves.png)",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "",
-    ]
-    if plan.step_times:
-        entry = plan.step_times[plan.baseline]
-        lines += [
-            "## Step times (equal compute)", "",
-            (f"Measured in one process before the runs with `scripts/bench.py` (the real Trainer.step, "
-             f"{entry['steps']} steps x {entry['rounds']} interleaved rounds; ratio: median over rounds of the "
-             f"arm's time over the baseline's in the same round) on {entry['device']}, "
-             f"{entry['measured_at']}; kept in [{STEP_TIMES_FILE}]({STEP_TIMES_FILE})."), "",
-            "| arm | step ms | ratio to baseline | per-round ratios (min - max) | ITERATIONS |", "|---|---|---|---|---|",
-        ]
-        for arm in plan.arms:
-            entry = plan.step_times[arm.name]
-            rounds = entry.get("ratio_rounds") or []
-            spread = f"{min(rounds):.3f} - {max(rounds):.3f}" if rounds and arm.name != plan.baseline else "—"
-            lines.append(table_row([arm.name, f"{entry['step_ms']:.1f}", f"{entry['ratio']:.3f}", spread,
-                                    str(plan.iterations(arm.name))]))
-        lines.append("")
-    lines += [
-        "## Per arm", "",
-        ("Mean ± sample standard deviation over the seeds; total bytes: the largest (artifact + code); JEPA grad "
-         "share: the run's mean over its log steps of ||g_JEPA|| / ||g_CE|| on the backbone matrices (— without JEPA)."),
-        "",
-        "| arm | n | roundtrip val_bpb | pre-quant val_bpb | sliding val_bpb | steps | step_avg_ms | total bytes "
-        "| JEPA grad share |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm in plan.arms:
-        runs = plan.arm_runs(arm.name)
-        sliding = plan.arm_values(arm.name, "sliding_val_bpb")  # null when EVAL_STRIDE=0
-        lines.append(table_row([
-            arm.name, str(len(runs)),
-            format_mean_std(plan.arm_values(arm.name, "roundtrip_val_bpb")),
-            format_mean_std(plan.arm_values(arm.name, "val_bpb")),
-            format_mean_std(sliding) if len(sliding) == len(runs) else "—",
-            format_mean_std(plan.arm_values(arm.name, "steps"), 0),
-            format_mean_std(plan.arm_values(arm.name, "step_avg_ms"), 1),
-            f"{max(run.summary['total_bytes'] for run in runs):,}" if runs else "—",
-            format_mean_std(plan.arm_values(arm.name, "mean_jepa_grad_share")),  # "—" for vanilla arms
-        ]))
-    lines += [
-        "", f"## Leaderboard against the baseline `{plan.baseline}` (roundtrip val_bpb, lower is better)", "",
-        ("Paired difference = mean over common seeds of arm - baseline, its 95% CI and the one-sided p for "
-         "H1: arm < baseline; Holm p adjusts that p across the candidate arms; Welch treats the arms as "
-         f"independent samples. MDE: smallest true difference detectable at {ab_stats.POWER:.0%} power and "
-         f"p < {ab_stats.SIGNIFICANCE_LEVEL} with these pairs' spread; seeds for "
-         f"{ab_stats.CHALLENGE_EFFECT}: pairs that would detect the challenge's bar."), "",
-        "| rank | arm | pairs | paired difference | 95% CI | one-sided p | Holm p | Welch difference (p) "
-        "| pre-quant difference | MDE | seeds for 0.005 | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for rank, c in enumerate(comparisons, start=1):
-        welch = (f"{c.welch.difference:+.4f} ({format_optional(c.welch.p_one_sided, '.3g')})"
-                 if c.welch.difference is not None else "—")
-        lines.append(table_row([
-            str(rank), c.arm, str(c.paired.n), format_optional(c.paired.difference, "+.4f"), format_ci(c.paired),
-            format_optional(c.paired.p_one_sided, ".3g"), format_optional(c.p_holm, ".3g"), welch,
-            format_optional(c.pre_quant.difference, "+.4f"), format_optional(c.mde, ".4f"),
-            str(c.seeds_for_bar) if c.seeds_for_bar is not None else "—", c.verdict(),
-        ]))
-    lines += ["", "## Runs", "",
-              table_row(["run", "arm", "seed", "outcome", "roundtrip val_bpb", "pre-quant val_bpb", "steps",
-                         "step_avg_ms", "train s", "total bytes"]),
-              "|---" * 10 + "|"]
-    for run in plan.runs:
-        cells = [run.run_id, run.arm, str(run.seed), run.outcome]
-        if run.outcome in ("reused", "ran"):
-            summary = run.summary
-            cells += [f"{summary['roundtrip_val_bpb']:.4f}", f"{summary['val_bpb']:.4f}", str(summary["steps"]),
-                      f"{summary['step_avg_ms']:.1f}", f"{summary['train_time_ms'] / 1000:.1f}",
-                      f"{summary['total_bytes']:,}"]
-        lines.append(table_row(cells + ["—"] * (10 - len(cells))))
-    notes = []
-    if failures:
-        notes.append(f"- {len(failures)} run(s) failed (--keep-going): the statistics use the completed runs only.")
-    if plan.budget == "wallclock":
-        notes += [f"- warning: {run.run_id} stopped at ITERATIONS={run.summary['steps']} before the wall-clock cap: "
-                  f"the budget was not equal in time" for run in plan.runs
-                  if run.summary and run.outcome != "failed" and run.summary["steps"] >= run.config["iterations"]]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
-# =============================================================================
-# THE PICTURES
-# =============================================================================
+def analyse(plan: Plan) -> list[ab_stats.Comparison]:
+    """Every candidate arm against the baseline on the roundtrip score (the pre-quantisation one
+    beside it), Holm-adjusted across them and sorted as the leaderboard (scripts/ab_stats.py)."""
+    names = [arm.name for arm in plan.arms]
+    return ab_stats.compare_with_baseline({name: plan.seed_scores(name) for name in names},
+                                          {name: plan.seed_scores(name, "val_bpb") for name in names}, plan.baseline)
 
 
 def write_pictures(plan: Plan, effects: dict[str, Any]) -> None:
     """effects.json, effects.png (paired differences and step-time cost) and curves.png."""
-    (plan.out_dir / "effects.json").write_text(json.dumps(effects, indent=2) + "\n", encoding="utf-8")
+    write_json(plan.out_dir / "effects.json", effects)
     runs = [{"arm": run.arm, "seed": run.seed, "val_history": run.summary.get("val_history", []),
              "train_history": run.summary.get("train_history", []), "steps": run.summary["steps"],
              "roundtrip_val_bpb": run.summary["roundtrip_val_bpb"], "train_time_ms": run.summary["train_time_ms"]}
@@ -890,14 +666,33 @@ def write_pictures(plan: Plan, effects: dict[str, Any]) -> None:
         raise UserError("the pictures need matplotlib: pip install matplotlib") from None
 
 
-# =============================================================================
-# SUBMISSION AND RECORD FOLDER
-# =============================================================================
+def write_plan(plan: Plan, command_line: str) -> None:
+    """OUT/plan.json: everything that defines the A/B (arms, baseline, seeds, budget, settings,
+    each run's id, settings and resolved configuration, the step times), so that a record folder
+    can be built from it later without repeating the command."""
+    write_json(plan.out_dir / PLAN_FILE, {
+        "command": command_line, "arms": [dataclasses.asdict(arm) for arm in plan.arms], "baseline": plan.baseline,
+        "seeds": plan.seeds, "budget": plan.budget, "common": plan.common, "from_environment": plan.from_environment,
+        "launcher": plan.launcher, "log_dir": str(plan.log_dir), "step_times": plan.step_times,
+        "calibration": plan.calibration,
+        "runs": [{"arm": run.arm, "seed": run.seed, "run_id": run.run_id, "settings": run.settings,
+                  "config": run.config} for run in plan.runs],
+    })
 
 
-def trainer_sha256() -> str:
-    # Hashed as the trainer hashes itself (its text, UTF-8 encoded), so the two always agree.
-    return hashlib.sha256(TRAINER_PATH.read_text(encoding="utf-8").encode("utf-8")).hexdigest()
+def load_plan(out_dir: Path) -> tuple[Plan, str]:
+    """The plan an earlier invocation wrote to OUT/plan.json, with every run's summary read back
+    (all must be completed); returns it and the command that made it."""
+    path = out_dir / PLAN_FILE
+    record = read_json(path, "plan")
+    if record is None:
+        raise UserError(f"{path} not found: point at the --out folder of an A/B run by scripts/ab.py")
+    plan = Plan([Arm(**arm) for arm in record["arms"]], record["baseline"], record["seeds"], record["budget"],
+                record["common"], record["from_environment"], {}, record["launcher"], out_dir.resolve(),
+                Path(record["log_dir"]), step_times=record["step_times"], calibration=record["calibration"])
+    plan.runs = [Run(**run) for run in record["runs"]]
+    execute(plan, no_run=True, keep_going=False)
+    return plan, record["command"]
 
 
 # =============================================================================
@@ -926,8 +721,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-warmup", type=int, default=2, help="compute budget: untimed steps first")
     parser.add_argument("--launcher", default="", help='command before the trainer, e.g. "torchrun --standalone '
                         '--nproc_per_node=8" (default: this Python)')
-    parser.add_argument("--out", required=True, help="folder for table.md, curves.png, console logs, artifacts")
-    parser.add_argument("--tag", help="RUN_ID prefix (default: the --out folder's name)")
+    parser.add_argument("--out", help="folder for table.md, curves.png, console logs, artifacts "
+                        "(default: campaign/ab/TAG in the repository)")
+    parser.add_argument("--tag", help="RUN_ID prefix (default: the --out folder's name); one of --out and --tag "
+                        "is needed")
     parser.add_argument("--baseline", help="the arm others are compared with (default: the one with JEPA_WEIGHT=0, "
                         "else the last)")
     parser.add_argument("--no-run", action="store_true", help="launch nothing: only read the existing summaries")
@@ -946,10 +743,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                                               shlex.join(argv)]))
 
         failures = execute(plan, args.no_run, args.keep_going)
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
         comparisons = analyse(plan)
         table = render_table(plan, command_line, failures, comparisons)
-        (plan.out_dir / "table.md").write_text(table, encoding="utf-8")
+        write_atomically(plan.out_dir / "table.md", table)
         print()
         print(table, end="")
         write_pictures(plan, effects_record(plan, comparisons))

@@ -1,5 +1,6 @@
 """Statistics for scripts/ab.py: the paired and Welch t tests of "arm < baseline", Holm's
-correction for comparing several arms with one baseline, and the power of the paired test.
+correction for comparing several arms with one baseline, the power of the paired test, and every
+arm's comparison with the baseline, ranked as the leaderboard shows it.
 
 Each run of an A/B gives one score (roundtrip val_bpb, lower is better). Arms run with the same
 SEED share initial weights and data order, so most of the seed-to-seed spread is common to all
@@ -190,3 +191,54 @@ def describe_power(std_of_differences: float | None, n: int) -> str:
     needed_text = f"{needed} seeds" if needed is not None else f"more than {MAX_SEEDS} seeds"
     return (f"MDE {detectable:.4f} at {POWER:.0%} power, p < {SIGNIFICANCE_LEVEL:g} "
             f"({pairs}, sd {std_of_differences:.4f}); {CHALLENGE_EFFECT:g} needs {needed_text}")
+
+
+@dataclass
+class Comparison:
+    """One candidate arm against the baseline: the row of the leaderboard and of effects.json."""
+
+    arm: str
+    paired: TestResult  # the primary test: per-seed differences
+    welch: TestResult  # beside it: the arms as independent samples
+    pre_quant: TestResult  # paired, on the pre-quantisation val_bpb
+    seed_differences: dict[int, float]
+    p_holm: float | None = None  # Holm-adjusted across the candidate arms
+    mde: float | None = None  # smallest difference these pairs detect (80% power, p < 0.01)
+    seeds_for_bar: int | None = None  # pairs that would detect the challenge's 0.005
+
+    @property
+    def significant(self) -> bool:
+        return (self.p_holm is not None and self.p_holm < SIGNIFICANCE_LEVEL
+                and self.paired.difference is not None and self.paired.difference < 0)
+
+    def verdict(self) -> str:
+        result = self.paired
+        if result.p_one_sided is None:
+            return result.reason
+        if self.significant:
+            return f"beats the baseline (Holm p < {SIGNIFICANCE_LEVEL})"
+        if 1.0 - result.p_one_sided < SIGNIFICANCE_LEVEL:
+            return f"loses to the baseline (one-sided p < {SIGNIFICANCE_LEVEL} the other way, unadjusted)"
+        return f"tie: not significant at p < {SIGNIFICANCE_LEVEL}"
+
+
+def compare_with_baseline(scores: Mapping[str, Mapping[int, float]], pre_quant: Mapping[str, Mapping[int, float]],
+                          baseline: str) -> list[Comparison]:
+    """Every other arm's {seed: score} against the baseline's (and the same on the
+    pre-quantisation score), Holm-adjusted across those arms and sorted as a leaderboard: by
+    paired difference, best (most negative) first; arms without one last."""
+    reference = scores[baseline]
+    comparisons = []
+    for arm, arm_scores in scores.items():
+        if arm == baseline:
+            continue
+        paired = paired_test(arm_scores, reference)
+        comparisons.append(Comparison(
+            arm, paired, welch_test(list(arm_scores.values()), list(reference.values())),
+            paired_test(pre_quant[arm], pre_quant[baseline]),
+            {seed: arm_scores[seed] - reference[seed] for seed in sorted(arm_scores) if seed in reference},
+            mde=minimum_detectable_difference(paired.std_of_differences, paired.n),
+            seeds_for_bar=seeds_needed(paired.std_of_differences)))
+    for comparison, adjusted in zip(comparisons, holm_adjust([c.paired.p_one_sided for c in comparisons])):
+        comparison.p_holm = adjusted
+    return sorted(comparisons, key=lambda c: (c.paired.difference is None, c.paired.difference or 0.0))

@@ -222,6 +222,35 @@ def test_plan_budget_seeds_and_baseline(tmp_path):
     assert all(run.settings["MAX_WALLCLOCK_SECONDS"] == "0" and run.config["iterations"] == 50 for run in plan.runs)
 
 
+def test_out_defaults_to_campaign_ab_tag_and_needs_one_of_out_and_tag(tmp_path):
+    environ = {"PRESET": "tiny", "PATH": os.environ.get("PATH", "")}
+    argv = ["--budget", "steps", "--env", "ITERATIONS=5", "--seeds", "1"]
+    plan = ab.build_plan(ab.parse_args(argv + ["--tag", "default_out_probe"]), environ)
+    assert plan.out_dir == REPO_ROOT / "campaign" / "ab" / "default_out_probe"
+    assert plan.runs[0].run_id == "default_out_probe_jepa_s1"
+    artifact = plan.out_dir / "artifacts" / "default_out_probe_jepa_s1.int6.ptz"
+    assert plan.runs[0].settings["ARTIFACT_PATH"] == str(artifact)
+    assert not plan.out_dir.exists()  # planning writes nothing under --budget steps
+    # --out alone names the tag after its folder; --out and --tag together keep both.
+    assert ab.build_plan(ab.parse_args(argv + ["--out", str(tmp_path / "my run")]), environ).runs[0].run_id == \
+        "my_run_jepa_s1"
+    both = ab.build_plan(ab.parse_args(argv + ["--out", str(tmp_path / "x"), "--tag", "t"]), environ)
+    assert both.out_dir == tmp_path / "x" and both.runs[0].run_id == "t_jepa_s1"
+    # Neither: one line, exit status 2, nothing written.
+    code, stdout, stderr = run_ab(argv, {"PRESET": "tiny"})
+    assert code == 2 and stderr == "error: give --out FOLDER or --tag NAME (the outputs then go to campaign/ab/NAME)\n"
+    assert "run 1/" not in stdout
+
+
+def test_markdown_helpers_spell_tables_and_lists():
+    import ab_report
+
+    table = ab_report.markdown_table(["a", "b"], [["1", "2"], ["3", "—"]])
+    assert table == "| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | — |"
+    assert ab_report.bullet_list(["one", "two"]) == "- one\n- two"
+    assert ab_report.markdown_document(["# T", "- x", "| a |\n|---|"]) == "# T\n\n- x\n\n| a |\n|---|\n"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "steps"], "--budget steps needs ITERATIONS"),
     ([], "--budget compute needs ITERATIONS"),

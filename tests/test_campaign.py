@@ -1,6 +1,6 @@
-"""The research campaign's committed runs recompute its committed tables: for every stage folder
-under campaign/, `scripts/ab.py --no-run` (through campaign/run_campaign.sh, tables written to a
-temporary folder) reads the committed summaries and prints the same per-arm figures, leaderboard
+"""The research campaigns' committed runs recompute their committed tables: for every stage folder
+under campaign/, `scripts/ab.py --no-run` (through campaign/run_campaign.sh or run_active.sh,
+tables written to a temporary folder) reads the committed summaries and prints the same per-arm figures, leaderboard
 and verdicts as the committed table.md."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import pytest
 from conftest import REPO_ROOT, environment_without_trainer_settings
 
 CAMPAIGN = REPO_ROOT / "campaign"
-# run_campaign.sh's stage name -> the folders (relative to campaign/) whose tables it writes
+# (script, stage name) -> the folders (relative to campaign/) whose tables the stage writes
 STAGES = {
-    "stage1": ["stage1_screen"],
-    "stage2": ["stage2_confirm"],
-    "stage3": ["stage3_robustness/budget3x", "stage3_robustness/nodejs", "stage3_robustness/steps"],
-    "byte": ["byte_level"],
+    ("run_campaign.sh", "stage1"): ["stage1_screen"],
+    ("run_campaign.sh", "stage2"): ["stage2_confirm"],
+    ("run_campaign.sh", "stage3"): ["stage3_robustness/budget3x", "stage3_robustness/nodejs", "stage3_robustness/steps"],
+    ("run_campaign.sh", "byte"): ["byte_level"],
+    ("run_active.sh", "dose"): ["active/dose"],
+    ("run_active.sh", "pull"): ["active/pull"],
 }
 # Lines that name when and from where the table was written, and the runs' outcome column
 # (ran there, reused here): everything else must be equal.
@@ -34,9 +36,9 @@ def comparable(table: str) -> list[str]:
     return [line for line in head.splitlines() if not line.startswith(VOLATILE_PREFIXES)]
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_committed_campaign_tables_recompute_from_the_committed_summaries(stage: str, tmp_path: Path):
-    folders = [CAMPAIGN / folder for folder in STAGES[stage]]
+@pytest.mark.parametrize("script, stage", sorted(STAGES), ids=lambda value: value.removesuffix(".sh"))
+def test_committed_campaign_tables_recompute_from_the_committed_summaries(script: str, stage: str, tmp_path: Path):
+    folders = [CAMPAIGN / folder for folder in STAGES[script, stage]]
     if not all((folder / "table.md").is_file() for folder in folders):
         pytest.skip(f"campaign stage {stage} not committed")
     for folder in folders:
@@ -47,7 +49,7 @@ def test_committed_campaign_tables_recompute_from_the_committed_summaries(stage:
     environment = environment_without_trainer_settings()
     environment["CAMPAIGN_OUT"] = str(tmp_path)
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    result = subprocess.run(["bash", str(CAMPAIGN / "run_campaign.sh"), stage, "--no-run"], cwd=REPO_ROOT,
+    result = subprocess.run(["bash", str(CAMPAIGN / script), stage, "--no-run"], cwd=REPO_ROOT,
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for folder in folders:
