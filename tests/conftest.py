@@ -21,6 +21,32 @@ _OFFICIAL_TOKENIZER_CANDIDATES = [
 ]
 
 
+# ---------------------------------------------------------------------------
+# Two workers (make test runs pytest-xdist with --dist loadgroup)
+# ---------------------------------------------------------------------------
+
+# Test files that share the session-scoped `ab_run` fixture: one worker takes them all, so the
+# tiny A/B trains once. Every other file is a group of its own, so its module-scoped fixtures
+# are built once too.
+AB_RUN_MODULES = ("test_ab", "test_make_record")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One torch thread per worker (the trainer subprocesses already get OMP_NUM_THREADS=1):
+        # two workers of two threads each on two cores spin against each other.
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ab_run" if module in AB_RUN_MODULES else module))
+
+
 @pytest.fixture(scope="session")
 def official_tokenizer_path() -> Path:
     for candidate in _OFFICIAL_TOKENIZER_CANDIDATES:
