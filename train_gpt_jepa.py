@@ -1,11 +1,12 @@
 """
 train_gpt_jepa.py: the whole JEPA workbench for OpenAI's Parameter Golf, in one file.
 
-Everything a run needs lives here, read top to bottom: hyperparameters from environment
-variables, the Muon and AdamW optimizers, the challenge's shard loader and bits-per-byte metric,
-the GPT backbone (GQA, partial RoPE, U-Net skips, BigramHash, SmearGate, XSA), the JEPA parts
-(projections, predictors, EMA target encoder, VICReg / SIGReg), evaluation, the GPTQ / int6
-exporter with its compressors, score-first test-time training and the training loop. The
+Everything a run needs lives here, in the order a run uses it: the settings (environment
+variables, presets, validation), the runtime (device, processes, logging), the challenge's shard
+loader and bits-per-byte tables, the GPT backbone (GQA, partial RoPE, U-Net skips, BigramHash,
+SmearGate, XSA), the JEPA parts (projections, predictors, EMA target encoder, VICReg / SIGReg),
+the Muon and AdamW optimizers, the GPTQ / int6 exporter with its compressors, evaluation with
+score-first test-time training, the training loop, and main(), the recipe that runs them. The
 file's own bytes count toward the 16,000,000-byte artifact.
 
     torchrun --standalone --nproc_per_node=8 train_gpt_jepa.py    # 8 GPUs
@@ -26,7 +27,6 @@ import gc
 import glob
 import hashlib
 import importlib
-import io
 import json
 import lzma
 import math
@@ -38,10 +38,10 @@ import sys
 import time
 import traceback
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -52,22 +52,33 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 
+# How a run stops early: main() prints each as one line on stderr and exits with its status.
+class ConfigError(Exception):
+    """A bad setting or input; main() prints it as one line and exits with status 2."""
+
+
+class RunFailure(Exception):
+    """The run cannot go on; main() prints one line and exits with status 1."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was written; main() exits with status 75 (temporary failure)."""
+
+
 # =============================================================================
-# HYPERPARAMETERS
+# SETTINGS: hyperparameters from environment variables, presets, validation
 # =============================================================================
 # Every field is read from the environment variable of the same name in upper case
 # (jepa_weight <- JEPA_WEIGHT). PRESET picks a set of defaults; a variable set explicitly wins.
-# The class defaults are the 11-layer record configuration.
-
-
-class ConfigError(Exception):
-    """A bad setting or input; main() prints it as one line and exits with status 2."""
+# The class defaults are the 11-layer record configuration. A setting that takes one of a few
+# values declares them once, in CHOICES after the class: validation accepts exactly those, and
+# the settings table (scripts/env_table.py, docs/settings.md) lists them with what each means.
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     # ---- run and data ----
-    preset: str = "11L"  # tiny (CPU demo and tests) | 11L (#549-class record stack) | frontier (#1855-class) | 20L (deep and narrow)
+    preset: str = "11L"  # the set of defaults a run starts from (PRESETS; a variable set explicitly wins)
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model
     run_id: str = ""  # names logs/<RUN_ID>.txt and .json; empty = date, time and a random suffix
@@ -94,9 +105,9 @@ class Hyperparameters:
     eval_only: bool = False  # evaluate ARTIFACT_PATH in a fresh process, train nothing
 
     # ---- device ----
-    compile: int = -1  # torch.compile: 1 on, 0 off, -1 = on with CUDA, off on the CPU
-    compute_dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
-    model_dtype: str = "auto"  # embedding tables' dtype (linears and control tensors stay fp32): auto = the compute dtype
+    compile: int = -1  # torch.compile
+    compute_dtype: str = "auto"  # autocast dtype
+    model_dtype: str = "auto"  # embedding tables' dtype (linears and control tensors stay fp32)
     tf32: bool = True  # CUDA: TF32 for the fp32 matmuls left under autocast, as the records set it
 
     # ---- model shape ----
@@ -137,7 +148,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0, rising linearly
     muon_momentum_warmup_steps: int = 1500  # steps of that rise
     muon_backend_steps: int = 5  # Newton-Schulz iterations
-    muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (Muon's) | polar (Polar Express, #1344)
+    muon_ns: str = "quintic"  # Newton-Schulz coefficients
     muon_wd: float = 0.04  # decoupled weight decay of Muon matrices
     adam_wd: float = 0.04  # decoupled weight decay of embeddings
     scalar_wd: float = 0.04  # decoupled weight decay of gains, scales, mixes and gates (the records: ADAM_WD)
@@ -146,7 +157,7 @@ class Hyperparameters:
     beta2: float = 0.95  # (see BETA1)
     adam_eps: float = 1e-8  # (see BETA1)
     grad_clip_norm: float = 0.3  # 0 = no clipping
-    final_ema: int = -1  # export an EMA of the weights: 1 on, 0 off, -1 = on when ITERATIONS >= 1000
+    final_ema: int = -1  # export an EMA of the weights
     final_ema_decay: float = 0.997  # decay of that EMA, updated after every step
     swa_enabled: bool = True  # export the mean of SWA snapshots (of the EMA when FINAL_EMA is on) from late in the warmdown
     swa_every: int = 50  # a snapshot every this-many steps ...
@@ -156,13 +167,13 @@ class Hyperparameters:
     # ---- JEPA ----
     jepa_weight: float = 0.1  # weight of the JEPA loss; 0 = vanilla (no JEPA part built or run)
     jepa_grad_share: float = 0.0  # >0: steer the weight (from JEPA_WEIGHT) so the JEPA backbone gradient is this share of CE's; 0 = fixed weight
-    jepa_mode: str = "next"  # next (#896) | span (#1581, I-JEPA) | chunk (#832) | nextlat (arXiv 2511.05963) | stp (arXiv 2602.22617)
+    jepa_mode: str = "next"  # the JEPA objective
     d_latent: int = 256  # width of the latent space of projections and predictors
     jepa_pred_mult: float = 2.0  # predictor hidden width = JEPA_PRED_MULT * D_LATENT
     jepa_head_lr: float = 0.0  # Muon LR of the JEPA parts' matrices (projections, predictors), own group; 0 = MATRIX_LR
     jepa_offsets: str = "1"  # next mode: horizons k, comma separated; "1,2,4,8" = multi-horizon
     jepa_offset_decay: float = 0.5  # horizon i (0-based) weighted by decay**i, weights normalised
-    jepa_loss: str = "mse"  # mse | cosine (#1277)
+    jepa_loss: str = "mse"  # the prediction loss of next, span and chunk
     target_ema_decay: float = 0.9995  # EMA target encoder; 0 = the online encoder under stop-gradient
     jepa_warmup_steps: int = 100  # JEPA weight ramps from 0 over these steps
     jepa_anneal: bool = True  # JEPA weight falls to 0 with the LR warmdown (measured: 0.0050 bpb better than 0 at grad share 0.3, campaign/anneal_default)
@@ -176,11 +187,11 @@ class Hyperparameters:
     jepa_span_min: int = 2  # span mode: shortest span
     nextlat_smooth_l1_weight: float = 1.0  # nextlat: weight of SmoothL1(h_hat[t+1], sg h[t+1]) (paper: 1)
     nextlat_kl_weight: float = 1.0  # nextlat: weight of KL(head(sg h[t+1]) || head(h_hat[t+1])), head frozen (paper: 1)
-    nextlat_rollout: int = 1  # nextlat: transition steps, teacher-forced tokens (2 = also h_hat[t+2] from h_hat[t+1]); 1 or 2
+    nextlat_rollout: int = 1  # nextlat: transition steps, teacher-forced tokens
     nextlat_hidden: int = 0  # nextlat: width of the transition MLP; 0 = MODEL_DIM
     stp_triples: int = 16  # stp: random s < r < t triples per sequence, each inside one document (paper weights: JEPA_WEIGHT 0.005-0.04)
-    anti_collapse: str = "vicreg"  # vicreg | sigreg | none
-    vicreg_on: str = "auto"  # side the regulariser acts on: target | pred; auto = pred for span
+    anti_collapse: str = "vicreg"  # the regulariser that keeps the latents from collapsing
+    vicreg_on: str = "auto"  # side the regulariser acts on
     vicreg_var_weight: float = 1.0  # VICReg variance hinge: each latent dim's std kept >= 1
     vicreg_cov_weight: float = 0.04  # VICReg off-diagonal covariance penalty
     sigreg_weight: float = 0.1  # SIGReg (LeJEPA) weight when ANTI_COLLAPSE=sigreg
@@ -192,8 +203,8 @@ class Hyperparameters:
     artifact_path: str = "final_model.int6.ptz"  # written atomically by training, read by EVAL_ONLY
     artifact_budget_bytes: int = 16_000_000  # artifact file + this file's bytes must fit
     lzma_preset: int = 9  # LZMA level of the artifact (9, 6 and the extreme flag measured within 0.01%)
-    compressor: str = "brotli"  # the artifact's compressor: brotli (measured smallest) | lzma | zstd
-    quant: str = "clip"  # matrices: clip (per-row clip search, what late QAT trains for) | gptq (Hessian-aware, #1019)
+    compressor: str = "brotli"  # the artifact's compressor
+    quant: str = "clip"  # how matrices are quantised
     matrix_bits: int = 6  # bits of every matrix (and of late QAT); the budget fallback lowers them towards 4
     embed_bits: int = 8  # bits of the embedding tables (per-row clip search; #1586: 7)
     gptq_calibration_batches: int = 64  # training micro-batches whose activations give each matrix's Hessian
@@ -208,17 +219,17 @@ class Hyperparameters:
     ttt_lr: float = 0.005  # SGD learning rate, cosine-decayed over the chunks
     ttt_epochs: int = 3  # passes over each chunk after it is scored
     ttt_momentum: float = 0.9  # SGD momentum (Adam: its beta1)
-    ttt_optimizer: str = "sgd"  # sgd (#549) | adam (beta2 0.99, as the records' LoRA TTT)
-    ttt_params: str = "all"  # all (every weight) | lora (rank-TTT_LORA_RANK adapters on every block matrix)
+    ttt_optimizer: str = "sgd"  # the optimizer of test-time training
+    ttt_params: str = "all"  # what test-time training trains
     ttt_lora_rank: int = 8  # rank of those adapters
-    ttt_objective: str = "ce"  # ce | ce+jepa (adds the run's JEPA loss through the exported JEPA head)
+    ttt_objective: str = "ce"  # the loss of test-time training
     ttt_grad_clip: float = 1.0  # gradient norm clip of each TTT step; 0 = none
 
     # ---- reliability ----
     checkpoint_every: int = 0  # save a resumable checkpoint every this-many steps; 0 = only on signals
     checkpoint_dir: str = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/<RUN_ID>/
     resume: str = ""  # auto (latest checkpoint of this RUN_ID) | a checkpoint path | empty
-    nan_policy: str = "stop"  # stop (checkpoint and exit) | skip (drop the step and log it)
+    nan_policy: str = "stop"  # what a non-finite loss does
     debug_nan_step: int = -1  # test hook: make the loss of this step (0-based) non-finite
 
     # ---- derived values ----
@@ -273,6 +284,33 @@ class Hyperparameters:
 
     def final_ema_enabled(self) -> bool:
         return self.final_ema == 1 or (self.final_ema == -1 and self.iterations >= 1000)
+
+
+# The settings that take one of a few values: each value, with what it means (or "" where its name
+# says it). Validation accepts exactly these (_require_choice, and PRESET when the settings load);
+# the settings table prints them beside the field's comment. PRESETS and COMPRESSORS hold one entry
+# per value of PRESET and COMPRESSOR, NEWTON_SCHULZ_KINDS one per MUON_NS (tests/test_trainer.py).
+CHOICES: dict[str, dict[str | int, str]] = {
+    "preset": {"tiny": "CPU demo and tests", "11L": "#549-class record stack", "frontier": "#1855-class",
+               "20L": "deep and narrow"},
+    "compile": {-1: "on with CUDA, off on the CPU", 0: "off", 1: "on"},
+    "compute_dtype": {"auto": "bf16 on CUDA, fp32 on CPU", "bfloat16": "", "float32": ""},
+    "model_dtype": {"auto": "the compute dtype", "bfloat16": "", "float32": ""},
+    "muon_ns": {"quintic": "Muon's", "polar": "Polar Express, #1344"},
+    "final_ema": {-1: "on when ITERATIONS >= 1000", 0: "off", 1: "on"},
+    "jepa_mode": {"next": "#896", "span": "#1581, I-JEPA", "chunk": "#832", "nextlat": "arXiv 2511.05963",
+                  "stp": "arXiv 2602.22617"},
+    "jepa_loss": {"mse": "", "cosine": "#1277"},
+    "nextlat_rollout": {1: "", 2: "also h_hat[t+2] from h_hat[t+1]"},
+    "anti_collapse": {"vicreg": "", "sigreg": "", "none": ""},
+    "vicreg_on": {"auto": "pred for span, target otherwise", "target": "", "pred": ""},
+    "compressor": {"lzma": "", "brotli": "measured smallest", "zstd": ""},
+    "quant": {"gptq": "Hessian-aware, #1019", "clip": "per-row clip search, what late QAT trains for"},
+    "ttt_optimizer": {"sgd": "#549", "adam": "beta2 0.99, as the records' LoRA TTT"},
+    "ttt_params": {"all": "every weight", "lora": "rank-TTT_LORA_RANK adapters on every block matrix"},
+    "ttt_objective": {"ce": "", "ce+jepa": "adds the run's JEPA loss through the exported JEPA head"},
+    "nan_policy": {"stop": "checkpoint and exit", "skip": "drop the step and log it"},
+}
 
 
 # Fields that fix the shape of the exported model: an artifact is rebuilt from these.
@@ -379,8 +417,8 @@ def load_hyperparameters(environ: Mapping[str, str] | None = None) -> Hyperparam
     check_unknown_env(environ)
     environ = {**BAKED_SETTINGS, **environ}
     preset_name = environ.get("PRESET", Hyperparameters.preset)
-    if preset_name not in PRESETS:
-        raise ConfigError(f"PRESET={preset_name!r} is unknown: use one of {', '.join(PRESETS)}")
+    if preset_name not in CHOICES["preset"]:
+        raise ConfigError(f"PRESET={preset_name!r} is unknown: use one of {', '.join(CHOICES['preset'])}")
     preset = PRESETS[preset_name]
     values: dict[str, Any] = {}
     for field in dataclasses.fields(Hyperparameters):
@@ -398,8 +436,28 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_choice(hp: Hyperparameters, name: str) -> None:
+    """A CHOICES setting holds one of its values; the message lists them."""
+    allowed = list(CHOICES[name])
+    value = getattr(hp, name)
+    listed = f"{allowed[0]} or {allowed[1]}" if len(allowed) == 2 else "one of " + ", ".join(map(str, allowed))
+    _require(value in allowed, f"{name.upper()}={value!r} must be {listed}")
+
+
 def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
-    """Reject impossible settings with one line naming the variable; return GRAD_ACCUM_STEPS."""
+    """Reject impossible settings with one line naming the variable; return GRAD_ACCUM_STEPS.
+    The checks run in this order, so a run with several bad settings names the first."""
+    validate_model_and_run(hp, world_size)
+    grad_accum_steps = validate_batch(hp, world_size)
+    validate_jepa(hp)
+    validate_record_stack(hp)
+    validate_export_and_ttt(hp)
+    validate_hidden_state_modes(hp)
+    return grad_accum_steps
+
+
+def validate_model_and_run(hp: Hyperparameters, world_size: int) -> None:
+    """The model's shape, the device switches, the schedule and the run's files."""
     for name in ("iterations", "train_seq_len", "vocab_size", "num_layers", "model_dim", "num_heads",
                  "num_kv_heads", "val_batch_size", "d_latent"):
         _require(getattr(hp, name) > 0, f"{name.upper()}={getattr(hp, name)} must be positive")
@@ -420,10 +478,9 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
              f"skip, an empty parameter DDP would wait for)")
     _require(0 <= hp.xsa_last_n <= hp.num_layers,
              f"XSA_LAST_N={hp.xsa_last_n} must be between 0 and NUM_LAYERS={hp.num_layers}")
-    _require(hp.compile in (-1, 0, 1), f"COMPILE={hp.compile} must be -1 (auto), 0 or 1")
-    _require(hp.compute_dtype in ("auto", "bfloat16", "float32"),
-             f"COMPUTE_DTYPE={hp.compute_dtype!r} must be auto, bfloat16 or float32")
-    _require(hp.final_ema in (-1, 0, 1), f"FINAL_EMA={hp.final_ema} must be -1 (auto), 0 or 1")
+    _require_choice(hp, "compile")
+    _require_choice(hp, "compute_dtype")
+    _require_choice(hp, "final_ema")
     _require(0 <= hp.final_ema_decay < 1, f"FINAL_EMA_DECAY={hp.final_ema_decay} must be in [0, 1)")
     _require(hp.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds} must be >= 0")
     _require(hp.warmdown_iters >= 0 and hp.lr_warmup_steps >= 0 and hp.warmup_steps >= 0,
@@ -431,12 +488,16 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.eval_stride >= 0 and hp.eval_stride <= hp.train_seq_len,
              f"EVAL_STRIDE={hp.eval_stride} must be between 0 (off) and TRAIN_SEQ_LEN={hp.train_seq_len}")
     _require(1 <= hp.lzma_preset <= 9, f"LZMA_PRESET={hp.lzma_preset} must be between 1 and 9")
-    _require(hp.nan_policy in ("stop", "skip"), f"NAN_POLICY={hp.nan_policy!r} must be stop or skip")
+    _require_choice(hp, "nan_policy")
     _require(hp.artifact_budget_bytes > 0, f"ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} must be positive")
     _require(hp.checkpoint_every >= 0, f"CHECKPOINT_EVERY={hp.checkpoint_every} must be >= 0 (0 = only on signals)")
     _require(hp.resume != "auto" or bool(hp.run_id),
              "RESUME=auto needs RUN_ID: the checkpoints of a run live in CHECKPOINT_DIR/<RUN_ID>/")
 
+
+def validate_batch(hp: Hyperparameters, world_size: int) -> int:
+    """The batch must split evenly over ranks, micro-steps and sequences; returns GRAD_ACCUM_STEPS
+    (0 resolves to 8 // WORLD_SIZE, as in parameter-golf)."""
     grad_accum_steps = hp.grad_accum_steps
     if grad_accum_steps == 0:
         _require(8 % world_size == 0,
@@ -454,14 +515,16 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.val_batch_size >= world_size * hp.train_seq_len,
              f"VAL_BATCH_SIZE={hp.val_batch_size} must hold one sequence per rank "
              f"(>= {world_size * hp.train_seq_len})")
+    return grad_accum_steps
 
-    modes = ("next", "span", "chunk", "nextlat", "stp")
-    _require(hp.jepa_mode in modes, f"JEPA_MODE={hp.jepa_mode!r} is unknown: use one of {', '.join(modes)}")
-    _require(hp.jepa_loss in ("mse", "cosine"), f"JEPA_LOSS={hp.jepa_loss!r} must be mse or cosine")
-    _require(hp.anti_collapse in ("vicreg", "sigreg", "none"),
-             f"ANTI_COLLAPSE={hp.anti_collapse!r} must be vicreg, sigreg or none")
-    _require(hp.vicreg_on in ("auto", "target", "pred"),
-             f"VICREG_ON={hp.vicreg_on!r} must be auto, target or pred")
+
+def validate_jepa(hp: Hyperparameters) -> None:
+    """The JEPA settings of every mode, checked whether or not the run uses them: a typo'd value
+    must not wait for the day its mode is used."""
+    _require_choice(hp, "jepa_mode")
+    _require_choice(hp, "jepa_loss")
+    _require_choice(hp, "anti_collapse")
+    _require_choice(hp, "vicreg_on")
     _require(hp.jepa_weight >= 0, f"JEPA_WEIGHT={hp.jepa_weight} must be >= 0")
     _require(hp.jepa_grad_share >= 0 and math.isfinite(hp.jepa_grad_share),
              f"JEPA_GRAD_SHARE={hp.jepa_grad_share} must be >= 0 (0 = off, the fixed JEPA_WEIGHT)")
@@ -496,16 +559,11 @@ def validate_hyperparameters(hp: Hyperparameters, world_size: int) -> int:
     _require(hp.jepa_pred_mult > 0, f"JEPA_PRED_MULT={hp.jepa_pred_mult} must be positive")
     _require(hp.sigreg_slices > 0, f"SIGREG_SLICES={hp.sigreg_slices} must be positive")
     _require(hp.sigreg_max_rows >= 0, f"SIGREG_MAX_ROWS={hp.sigreg_max_rows} must be 0 (all rows) or positive")
-    validate_record_stack(hp)
-    validate_export_and_ttt(hp)
-    validate_hidden_state_modes(hp)
-    return grad_accum_steps
 
 
 def validate_record_stack(hp: Hyperparameters) -> None:
     """The record-parity and frontier switches."""
-    _require(hp.model_dtype in ("auto", "bfloat16", "float32"),
-             f"MODEL_DTYPE={hp.model_dtype!r} must be auto, bfloat16 or float32")
+    _require_choice(hp, "model_dtype")
     _require(0 <= hp.bos_id < hp.vocab_size, f"BOS_ID={hp.bos_id} must be a token id below VOCAB_SIZE={hp.vocab_size}")
     _require(hp.rope_train_seq_len >= 0, f"ROPE_TRAIN_SEQ_LEN={hp.rope_train_seq_len} must be >= 0 (0 = never rescale)")
     _require(hp.ve_dim >= 0, f"VE_DIM={hp.ve_dim} must be >= 0 (0 = off)")
@@ -534,7 +592,7 @@ def validate_record_stack(hp: Hyperparameters) -> None:
     _require(loop_range is None or last_progress >= hp.loop_start_fraction - 1e-9,
              f"LOOP_START_FRACTION={hp.loop_start_fraction} is never reached in ITERATIONS={hp.iterations} steps "
              f"(the last step is at {last_progress:.3f} of training): lower it or raise ITERATIONS")
-    _require(hp.muon_ns in NEWTON_SCHULZ_KINDS, f"MUON_NS={hp.muon_ns!r} must be quintic or polar")
+    _require_choice(hp, "muon_ns")
     for name in ("muon_wd", "adam_wd", "scalar_wd"):
         _require(getattr(hp, name) >= 0, f"{name.upper()}={getattr(hp, name)} must be >= 0")
     _require(0 <= hp.min_lr < 1, f"MIN_LR={hp.min_lr} must be in [0, 1)")
@@ -549,7 +607,7 @@ def validate_hidden_state_modes(hp: Hyperparameters) -> None:
     would silently mean something else here are refused, the rest are ignored (describe_run says
     so): TARGET_EMA_DECAY (no target encoder), D_LATENT, JEPA_PRED_MULT, JEPA_LOSS, ANTI_COLLAPSE,
     VICREG_*, SIGREG_*, the span and chunk settings."""
-    _require(hp.nextlat_rollout in (1, 2), f"NEXTLAT_ROLLOUT={hp.nextlat_rollout} must be 1 or 2")
+    _require_choice(hp, "nextlat_rollout")
     for name in ("nextlat_smooth_l1_weight", "nextlat_kl_weight"):
         _require(getattr(hp, name) >= 0, f"{name.upper()}={getattr(hp, name)} must be >= 0")
     _require(hp.nextlat_hidden >= 0, f"NEXTLAT_HIDDEN={hp.nextlat_hidden} must be >= 0 (0 = MODEL_DIM)")
@@ -573,7 +631,7 @@ def validate_hidden_state_modes(hp: Hyperparameters) -> None:
 
 def validate_export_and_ttt(hp: Hyperparameters) -> None:
     """Quantisation, compressor and test-time training: refused at start-up, never after training."""
-    _require(hp.quant in ("gptq", "clip"), f"QUANT={hp.quant!r} must be gptq or clip")
+    _require_choice(hp, "quant")
     _require(4 <= hp.matrix_bits <= 8, f"MATRIX_BITS={hp.matrix_bits} must be between 4 and 8")
     _require(4 <= hp.embed_bits <= 8, f"EMBED_BITS={hp.embed_bits} must be between 4 and 8")
     _require(hp.gptq_calibration_batches > 0, f"GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} must be positive")
@@ -583,16 +641,16 @@ def validate_export_and_ttt(hp: Hyperparameters) -> None:
              f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
     _require(0 < hp.gptq_damp < 1, f"GPTQ_DAMP={hp.gptq_damp} must be in (0, 1)")
     _require(hp.gptq_block_size > 0, f"GPTQ_BLOCK_SIZE={hp.gptq_block_size} must be positive")
-    _require(hp.compressor in COMPRESSORS, f"COMPRESSOR={hp.compressor!r} must be one of {', '.join(COMPRESSORS)}")
+    _require_choice(hp, "compressor")
     compressor_module(hp.compressor)  # a missing package stops the run now, not after training
     _require(hp.ttt_chunk_tokens > 0, f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be positive")
     _require(hp.ttt_lr >= 0 and hp.ttt_epochs >= 0, "TTT_LR and TTT_EPOCHS must be >= 0")
     _require(0 <= hp.ttt_momentum < 1, f"TTT_MOMENTUM={hp.ttt_momentum} must be in [0, 1)")
-    _require(hp.ttt_params in ("all", "lora"), f"TTT_PARAMS={hp.ttt_params!r} must be all or lora")
-    _require(hp.ttt_optimizer in ("sgd", "adam"), f"TTT_OPTIMIZER={hp.ttt_optimizer!r} must be sgd or adam")
+    _require_choice(hp, "ttt_params")
+    _require_choice(hp, "ttt_optimizer")
     _require(hp.ttt_lora_rank > 0, f"TTT_LORA_RANK={hp.ttt_lora_rank} must be positive")
     _require(hp.ttt_grad_clip >= 0, f"TTT_GRAD_CLIP={hp.ttt_grad_clip} must be >= 0 (0 = none)")
-    _require(hp.ttt_objective in ("ce", "ce+jepa"), f"TTT_OBJECTIVE={hp.ttt_objective!r} must be ce or ce+jepa")
+    _require_choice(hp, "ttt_objective")
     if hp.ttt_objective == "ce+jepa" and not hp.eval_only:
         _require(hp.jepa_enabled, "TTT_OBJECTIVE=ce+jepa needs a JEPA run (JEPA_WEIGHT > 0): its head is the objective")
         _require(hp.jepa_mode in ("next", "chunk"),
@@ -600,93 +658,144 @@ def validate_export_and_ttt(hp: Hyperparameters) -> None:
 
 
 # =============================================================================
-# MUON OPTIMIZER
+# RUNTIME: device, distributed set-up, logging
 # =============================================================================
-# Muon (github.com/KellerJordan/Muon) replaces each matrix's momentum by the nearest
-# orthogonal matrix, computed with a few Newton-Schulz iterations: every direction of the
-# update gets the same size, which trains transformers' matrices faster than Adam.
 
 
-# Muon's quintic: one (a, b, c) for every iteration; it pushes all singular values into
-# ~[0.7, 1.2] in 5 steps.
-QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
-# Polar Express (Amsel et al. 2025; records #1344, #1787): a different optimal quintic per
-# iteration, which lands closer to 1 in the same 5 steps. Longer runs repeat the last one.
-POLAR_EXPRESS_COEFFICIENTS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-NEWTON_SCHULZ_KINDS = {"quintic": QUINTIC_COEFFICIENTS, "polar": POLAR_EXPRESS_COEFFICIENTS}
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    compile: bool
+    model_dtype: torch.dtype = torch.float32  # of the embedding tables (apply_model_dtype)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
-def newton_schulz_orthogonalize(matrix: Tensor, steps: int, kind: str = "quintic", eps: float = 1e-7) -> Tensor:
-    """Approximate U @ V^T of matrix = U S V^T with a quintic Newton-Schulz iteration."""
-    coefficients = NEWTON_SCHULZ_KINDS[kind]
-    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
-    # The Frobenius norm bounds the spectral norm: every singular value starts at most 1.
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
-    if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        x = x.T
-    for iteration in range(steps):
-        a, b, c = coefficients[min(iteration, len(coefficients) - 1)]
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+def setup_runtime(hp: Hyperparameters) -> Runtime:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        # TF32 as the records set it: it speeds up the fp32 matmuls autocast leaves (Newton-Schulz
+        # off the bf16 path, the JEPA losses' covariance and SIGReg projections, 10 mantissa bits).
+        torch.backends.cuda.matmul.allow_tf32 = hp.tf32
+        torch.backends.cudnn.allow_tf32 = hp.tf32
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    autocast_dtype, use_compile = resolve_compute(hp, device)
+    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile,
+                   resolve_model_dtype(hp, autocast_dtype))
 
 
-class Muon(torch.optim.Optimizer):
-    """Momentum + orthogonalisation for 2-D parameters, with the work split across ranks:
-    rank r orthogonalises parameters r, r+W, r+2W, ... and one all-reduce shares the updates."""
+def shut_down_processes(runtime: Runtime) -> None:
+    """The end of setup_runtime's process group, on every way out of main()."""
+    if runtime.distributed and dist.is_initialized():
+        # DDP's reducer holds the process group: free it while Python is fully alive, or
+        # gloo's threads may abort the process during interpreter shutdown.
+        gc.collect()
+        dist.destroy_process_group()
 
-    def __init__(self, params: list[Tensor], lr: float, momentum: float, backend_steps: int,
-                 weight_decay: float, rank: int = 0, world_size: int = 1, kind: str = "quintic",
-                 compiled: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
-        self.rank = rank
-        self.world_size = world_size
-        self.kind = kind
-        # Compiled on CUDA, as the records do: the iteration's matmuls fuse with their
-        # elementwise parts (graphs per matrix shape, made during compile priming). The CPU
-        # skips it: inductor's compile time there outweighs any gain at the CPU's model sizes.
-        self.orthogonalize = torch.compile(newton_schulz_orthogonalize) if compiled else newton_schulz_orthogonalize
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> None:
-        for group in self.param_groups:
-            params: list[Tensor] = group["params"]
-            if not params:
-                continue
-            device = params[0].device
-            update_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            updates = torch.zeros(sum(p.numel() for p in params), device=device, dtype=update_dtype)
-            offset = 0
-            for index, param in enumerate(params):
-                if index % self.world_size == self.rank and param.grad is not None:
-                    state = self.state[param]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(param.grad)
-                    buffer = state["momentum_buffer"]
-                    buffer.mul_(group["momentum"]).add_(param.grad)
-                    nesterov_gradient = param.grad.add(buffer, alpha=group["momentum"])
-                    update = self.orthogonalize(nesterov_gradient, group["backend_steps"], self.kind)
-                    # Orthogonal updates of tall matrices are scaled up to keep their RMS comparable.
-                    update = update * max(1.0, param.size(0) / param.size(1)) ** 0.5
-                    updates[offset:offset + param.numel()] = update.flatten()
-                offset += param.numel()
-            if self.world_size > 1:
-                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
-            offset = 0
-            for param in params:
-                if group["weight_decay"] > 0:
-                    param.mul_(1.0 - group["lr"] * group["weight_decay"])
-                param.add_(updates[offset:offset + param.numel()].view_as(param).to(param.dtype),
-                           alpha=-group["lr"])
-                offset += param.numel()
+def resolve_compute(hp: Hyperparameters, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """COMPUTE_DTYPE and COMPILE on this device: (autocast dtype or None, compile or not)."""
+    if hp.compute_dtype == "bfloat16" or (hp.compute_dtype == "auto" and device.type == "cuda"):
+        autocast_dtype: torch.dtype | None = torch.bfloat16
+    else:
+        autocast_dtype = None
+    use_compile = hp.compile == 1 or (hp.compile == -1 and device.type == "cuda")
+    if use_compile:
+        # One graph per (module, call signature and phase): online, target, eval and roundtrip
+        # models, with late QAT and depth recurrence each on and off.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return autocast_dtype, use_compile
+
+
+def resolved_hyperparameters(hp: Hyperparameters, runtime: Runtime) -> Hyperparameters:
+    """The settings as this run applied them: COMPUTE_DTYPE and COMPILE resolved on its device,
+    so that EVAL_ONLY on another machine evaluates the way the run did."""
+    compute_dtype = "bfloat16" if runtime.autocast_dtype == torch.bfloat16 else "float32"
+    return dataclasses.replace(hp, compute_dtype=compute_dtype, compile=int(runtime.compile))
+
+
+def resolve_model_dtype(hp: Hyperparameters, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """MODEL_DTYPE: auto follows the compute dtype (bf16 tables on CUDA, fp32 on the CPU)."""
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(hp.model_dtype, autocast_dtype or torch.float32)
+
+
+class RunLogger:
+    """Rank 0 writes every line to logs/<RUN_ID>.txt (flushed at once, so a crash loses nothing)
+    and, unless console=False, to stdout."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(path, "a", encoding="utf-8")
+
+    def __call__(self, message: str, console: bool = True) -> None:
+        if self.handle is None:
+            return
+        if console:
+            print(message, flush=True)
+        self.handle.write(message + "\n")
+        self.handle.flush()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, remainder = divmod(seconds, 3600)
+    minutes, seconds = divmod(remainder, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10, check=False)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def running_code() -> tuple[str, int]:
+    """The trainer's source as it runs, and the code bytes the challenge counts: the size of the
+    file that ran. A record folder's train_gpt.py is a compressed wrapper that sets TRAINER_SOURCE
+    to the decoded source and executes it in its own globals: the log shows that source, while
+    the count is the wrapper's own bytes."""
+    file_bytes = Path(__file__).read_bytes()
+    source = globals().get("TRAINER_SOURCE")
+    return (source if isinstance(source, str) else file_bytes.decode("utf-8")), len(file_bytes)
+
+
+def device_name(runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_name(runtime.device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 # =============================================================================
@@ -1454,6 +1563,12 @@ def sigreg_loss(z: Tensor, directions: Tensor, row_weights: Tensor | None = None
     return 2.0 * torch.trapezoid(integrand, t, dim=-1).mean()
 
 
+def draw_sigreg_directions(hp: Hyperparameters, generator: torch.Generator, device: torch.device) -> Tensor:
+    """SIGREG_SLICES random unit directions in the latent space (columns)."""
+    directions = torch.randn(hp.d_latent, hp.sigreg_slices, generator=generator)
+    return F.normalize(directions, dim=0).to(device, non_blocking=True)
+
+
 def effective_rank(z: Tensor, max_rows: int = 4096) -> Tensor:
     """exp(entropy of the normalised singular values): 1 for a collapsed latent, D for a full one."""
     z = z.detach().float().reshape(-1, z.size(-1))[:max_rows]
@@ -1777,98 +1892,208 @@ def ema_update(ema_tensors: list[Tensor], online_tensors: list[Tensor], decay: f
 
 
 # =============================================================================
-# EVALUATION: val_loss and val_bpb, plain and sliding-window
+# OPTIMIZERS: Muon for matrices, AdamW for the rest, the schedule
 # =============================================================================
+# Muon (github.com/KellerJordan/Muon) replaces each matrix's momentum by the nearest
+# orthogonal matrix, computed with a few Newton-Schulz iterations: every direction of the
+# update gets the same size, which trains transformers' matrices faster than Adam.
 
 
-def evaluation_windows(usable: int, seq_len: int, stride: int = 0) -> list[tuple[int, int, int]]:
-    """The windows an evaluation scores, as (start, skip, end): window tokens [start, end] (inputs
-    start..end-1, targets start+1..end), of which targets from start + skip + 1 on are scored.
-
-    stride = 0 (or = seq_len): disjoint windows of seq_len, every token scored once. A smaller
-    stride: windows of seq_len ending every `stride` tokens, each scoring only its last `stride`
-    tokens, so every token but the first window's is predicted with seq_len - stride tokens of
-    context. Both modes score exactly the same tokens, so their numbers are comparable."""
-    stride = seq_len if stride <= 0 else stride
-    window_ends = list(range(seq_len, usable + 1, stride))
-    if window_ends[-1] != usable:
-        window_ends.append(usable)
-    # Window i scores target positions [previous end, end): the first window scores all of its own.
-    return [(end - seq_len, prev_end - (end - seq_len), end) for prev_end, end in zip([0] + window_ends[:-1], window_ends)]
-
-
-class ScoreSums(NamedTuple):
-    loss: Tensor  # summed token losses, nats (float64, on the device)
-    tokens: Tensor
-    bytes: Tensor
+# Muon's quintic: one (a, b, c) for every iteration; it pushes all singular values into
+# ~[0.7, 1.2] in 5 steps.
+QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al. 2025; records #1344, #1787): a different optimal quintic per
+# iteration, which lands closer to 1 in the same 5 steps. Longer runs repeat the last one.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NEWTON_SCHULZ_KINDS = {"quintic": QUINTIC_COEFFICIENTS, "polar": POLAR_EXPRESS_COEFFICIENTS}
 
 
-def score_windows(model: nn.Module, device_tokens: Tensor, windows: list[tuple[int, int, int]], seq_len: int,
-                  batch_windows: int, luts: tuple[Tensor, Tensor, Tensor], runtime: "Runtime",
-                  token_losses_out: list[Tensor] | None = None) -> ScoreSums:
-    """Loss, token and byte sums of this rank's windows, under inference mode (nothing scored
-    here can train anything). The windows are padded to whole batches with windows that score
-    nothing: one batch shape, so a compiled model compiles once; and the scoring masks are built
-    on the device, so the loop never waits for the GPU (no boolean indexing, no host-to-device
-    copies per batch). token_losses_out (tests): receives each batch's scored token losses, in
-    window order."""
-    bytes_per_token, has_leading_space, is_boundary = luts
-    windows = windows + [(0, seq_len, seq_len)] * (-len(windows) % batch_windows)
-    window_starts = torch.tensor([start for start, _, _ in windows], dtype=torch.int64).to(runtime.device)
-    window_skips = torch.tensor([skip for _, skip, _ in windows], dtype=torch.int64).to(runtime.device)
-    offsets = torch.arange(seq_len + 1, device=runtime.device)
-    sums = ScoreSums(*(torch.zeros((), device=runtime.device, dtype=torch.float64) for _ in range(3)))
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for first in range(0, len(windows), batch_windows):
-            # Every window spans seq_len + 1 tokens from its start (the last one ends at `usable`).
-            rows = device_tokens[window_starts[first:first + batch_windows, None] + offsets]
-            inputs, targets = rows[:, :-1], rows[:, 1:]
-            scored = offsets[None, :-1] >= window_skips[first:first + batch_windows, None]
-            with runtime.autocast():
-                token_losses, _ = model(inputs, targets, reduction="none")
-            sums.loss.add_(torch.where(scored, token_losses.double(), 0.0).sum())
-            if token_losses_out is not None:
-                token_losses_out.append(token_losses[scored].float().cpu())
-            sums.tokens.add_(scored.sum())
-            token_bytes = bytes_per_token[targets].to(torch.int32)
-            token_bytes += (has_leading_space[targets] & ~is_boundary[inputs]).to(torch.int32)
-            sums.bytes.add_(torch.where(scored, token_bytes, 0).sum())
-    model.train(was_training)
-    return sums
+def newton_schulz_orthogonalize(matrix: Tensor, steps: int, kind: str = "quintic", eps: float = 1e-7) -> Tensor:
+    """Approximate U @ V^T of matrix = U S V^T with a quintic Newton-Schulz iteration."""
+    coefficients = NEWTON_SCHULZ_KINDS[kind]
+    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
+    # The Frobenius norm bounds the spectral norm: every singular value starts at most 1.
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        x = x.T
+    for iteration in range(steps):
+        a, b, c = coefficients[min(iteration, len(coefficients) - 1)]
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
 
 
-def bpb_from_sums(sums: ScoreSums, runtime: "Runtime") -> tuple[float, float]:
-    """All ranks' sums together: (val_loss in nats per token, val_bpb)."""
-    if runtime.distributed:
-        for total in sums:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    val_loss = (sums.loss / sums.tokens).item()
-    return val_loss, val_loss / math.log(2.0) * sums.tokens.item() / sums.bytes.item()
+class Muon(torch.optim.Optimizer):
+    """Momentum + orthogonalisation for 2-D parameters, with the work split across ranks:
+    rank r orthogonalises parameters r, r+W, r+2W, ... and one all-reduce shares the updates."""
+
+    def __init__(self, params: list[Tensor], lr: float, momentum: float, backend_steps: int,
+                 weight_decay: float, rank: int = 0, world_size: int = 1, kind: str = "quintic",
+                 compiled: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank = rank
+        self.world_size = world_size
+        self.kind = kind
+        # Compiled on CUDA, as the records do: the iteration's matmuls fuse with their
+        # elementwise parts (graphs per matrix shape, made during compile priming). The CPU
+        # skips it: inductor's compile time there outweighs any gain at the CPU's model sizes.
+        self.orthogonalize = torch.compile(newton_schulz_orthogonalize) if compiled else newton_schulz_orthogonalize
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:
+        for group in self.param_groups:
+            params: list[Tensor] = group["params"]
+            if not params:
+                continue
+            device = params[0].device
+            update_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            updates = torch.zeros(sum(p.numel() for p in params), device=device, dtype=update_dtype)
+            offset = 0
+            for index, param in enumerate(params):
+                if index % self.world_size == self.rank and param.grad is not None:
+                    state = self.state[param]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(param.grad)
+                    buffer = state["momentum_buffer"]
+                    buffer.mul_(group["momentum"]).add_(param.grad)
+                    nesterov_gradient = param.grad.add(buffer, alpha=group["momentum"])
+                    update = self.orthogonalize(nesterov_gradient, group["backend_steps"], self.kind)
+                    # Orthogonal updates of tall matrices are scaled up to keep their RMS comparable.
+                    update = update * max(1.0, param.size(0) / param.size(1)) ** 0.5
+                    updates[offset:offset + param.numel()] = update.flatten()
+                offset += param.numel()
+            if self.world_size > 1:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for param in params:
+                if group["weight_decay"] > 0:
+                    param.mul_(1.0 - group["lr"] * group["weight_decay"])
+                param.add_(updates[offset:offset + param.numel()].view_as(param).to(param.dtype),
+                           alpha=-group["lr"])
+                offset += param.numel()
 
 
-def evaluate_bpb(
-    model: nn.Module,
-    val_tokens: Tensor,
-    seq_len: int,
-    batch_tokens: int,
-    luts: tuple[Tensor, Tensor, Tensor],
-    runtime: "Runtime",
-    stride: int = 0,
-) -> tuple[float, float]:
-    """Cross-entropy (nats/token) and bits per byte over the validation tokens, windows as
-    evaluation_windows lays them out, shared round-robin between the ranks."""
-    windows = evaluation_windows(val_tokens.numel() - 1, seq_len, stride)
-    batch_windows = max(1, batch_tokens // (seq_len * runtime.world_size))
-    device_tokens = val_tokens.to(runtime.device, torch.int64)
-    sums = score_windows(model, device_tokens, windows[runtime.rank::runtime.world_size], seq_len, batch_windows,
-                         luts, runtime)
-    return bpb_from_sums(sums, runtime)
+def build_optimizers(hp: Hyperparameters, runtime: Runtime, modules: list[nn.Module]) -> list[torch.optim.Optimizer]:
+    """Muon for every matrix of a linear layer (backbone and JEPA alike), AdamW for embeddings,
+    AdamW with SCALAR_WD for everything else (gains, scales, mixes, gates). Groups follow module types, not parameter names,
+    and every trainable parameter must land in exactly one group (asserted). modules[0] is the
+    backbone, the others are JEPA parts: with JEPA_HEAD_LR > 0 their matrices form a second Muon
+    group at that learning rate (without it they share the backbone's group and MATRIX_LR)."""
+    matrices, head_matrices, embeddings, scalars = [], [], [], []
+    for root_index, root in enumerate(modules):
+        own_head_group = root_index > 0 and hp.jepa_head_lr > 0
+        for module in root.modules():
+            for param in module.parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                if isinstance(module, nn.Embedding):
+                    embeddings.append(param)
+                elif isinstance(module, nn.Linear) and param.ndim == 2:
+                    (head_matrices if own_head_group else matrices).append(param)
+                else:
+                    scalars.append(param)
+    fused = runtime.device.type == "cuda"
+    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+                weight_decay=hp.muon_wd, rank=runtime.rank, world_size=runtime.world_size, kind=hp.muon_ns,
+                compiled=runtime.compile and runtime.device.type == "cuda")
+    if head_matrices:
+        muon.add_param_group({"params": head_matrices, "lr": hp.jepa_head_lr})
+    optimizers: list[torch.optim.Optimizer] = [
+        muon,
+        torch.optim.AdamW(embeddings, lr=hp.tied_embed_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                          weight_decay=hp.adam_wd, fused=fused),
+        torch.optim.AdamW(scalars, lr=hp.scalar_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                          weight_decay=hp.scalar_wd, fused=fused),
+    ]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+    grouped = [id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    trainable = [id(p) for root in modules for p in root.parameters() if p.requires_grad]
+    assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
+    assert set(grouped) == set(trainable), "a trainable parameter is in no optimizer group"
+    return optimizers
+
+
+@dataclass
+class Schedule:
+    """Learning-rate, JEPA-weight and curriculum multipliers as functions of progress."""
+
+    hp: Hyperparameters
+    jepa_active: bool
+    # The JEPA weight that the ramp and the anneal multiply: JEPA_WEIGHT, or with JEPA_GRAD_SHARE
+    # the weight its controller set on the last log step (the same on every rank).
+    base_jepa_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_jepa_weight is None:
+            self.base_jepa_weight = self.hp.jepa_weight
+
+    def warmdown(self, step: int, elapsed_ms: float) -> float:
+        """1 until the warmdown, then linear to 0 at the last step (or the wall-clock cap, using
+        the measured time per step to place the warmdown's start)."""
+        hp = self.hp
+        if hp.warmdown_iters <= 0:
+            return 1.0
+        by_steps = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+        if hp.training_seconds <= 0 or step == 0:
+            return by_steps
+        warmdown_ms = hp.warmdown_iters * elapsed_ms / step
+        remaining_ms = max(1000.0 * hp.training_seconds - elapsed_ms, 0.0)
+        return min(by_steps, remaining_ms / max(warmdown_ms, 1e-9))
+
+    def lr_multiplier(self, step: int, elapsed_ms: float) -> float:
+        """Warmup times warmdown, the warmdown floored at MIN_LR."""
+        warmup = min(1.0, (step + 1) / self.hp.lr_warmup_steps) if self.hp.lr_warmup_steps > 0 else 1.0
+        return warmup * max(self.warmdown(step, elapsed_ms), self.hp.min_lr)
+
+    def progress(self, step: int, elapsed_ms: float) -> float:
+        by_time = elapsed_ms / (1000.0 * self.hp.training_seconds) if self.hp.training_seconds > 0 else 0.0
+        return max(step / self.hp.iterations, by_time)
+
+    def phase(self, step: int, elapsed_ms: float) -> tuple[bool, bool]:
+        """(late QAT on, depth recurrence on) at this point of training."""
+        return self.phase_at(self.progress(step, elapsed_ms))
+
+    def phase_at(self, progress: float) -> tuple[bool, bool]:
+        hp = self.hp
+        tolerance = 1e-9  # 1 - 0.15 is a hair above 0.85 in binary: step 85 of 100 is in the last 15%
+        qat = hp.qat_start_fraction > 0 and 1.0 - progress <= hp.qat_start_fraction + tolerance
+        looping = (hp.loop_layer_range is not None and hp.loop_count > 0
+                   and progress >= hp.loop_start_fraction - tolerance)
+        return qat, looping
+
+    def reachable_phases(self) -> list[tuple[bool, bool]]:
+        """Every (QAT, looping) pair a run passes through: compile priming runs each of them."""
+        starts = {0.0, 1.0 - self.hp.qat_start_fraction, self.hp.loop_start_fraction}
+        phases = [self.phase_at(progress) for progress in sorted(starts) if progress < 1.0]
+        return list(dict.fromkeys(phases))
+
+    def ce_weight(self, step: int, elapsed_ms: float) -> float:
+        """Curriculum: CE weight 0 during the first JEPA_ONLY_FRACTION of training."""
+        if not self.jepa_active or self.hp.jepa_only_fraction <= 0:
+            return 1.0
+        return 0.0 if self.progress(step, elapsed_ms) < self.hp.jepa_only_fraction else 1.0
+
+    def jepa_weight(self, step: int, elapsed_ms: float) -> float:
+        hp = self.hp
+        if not self.jepa_active:
+            return 0.0
+        ramp = min(1.0, step / hp.jepa_warmup_steps) if hp.jepa_warmup_steps > 0 else 1.0
+        anneal = self.warmdown(step, elapsed_ms) if hp.jepa_anneal else 1.0
+        return self.base_jepa_weight * ramp * anneal
 
 
 # =============================================================================
-# EXPORT: GPTQ or clip-search quantisation, compression, size accounting, artifact format
+# QUANTISATION AND EXPORT: clip search and GPTQ, compression, size accounting, artifact format
 # =============================================================================
 # Matrices (the weights of linear layers) are stored as per-row symmetric integers in
 # [-(2^(b-1)-1), 2^(b-1)-1] with one fp16 scale per row, b = MATRIX_BITS (6); embedding tables the
@@ -1876,7 +2101,8 @@ def evaluate_bpb(
 # the module type, never the parameter's name. The int codes are stored one per byte: the
 # compressor squeezes the unused high bits better than a bit-packed layout would let it find
 # repeats. QUANT=gptq chooses a matrix's codes with GPTQ on Hessians of training activations;
-# QUANT=clip (and every table) rounds each row at its best clip.
+# QUANT=clip (and every table) rounds each row at its best clip. The compressed artifact must fit
+# ARTIFACT_BUDGET_BYTES together with the code; export_artifact lowers precision until it does.
 
 # Bytes 0-5 name the format, byte 6 the body's compressor (LZMA = 0, so an LZMA artifact has the
 # magic every earlier version wrote), byte 7 the layout version.
@@ -1893,44 +2119,7 @@ JEPA_MODULE_NAMES = ("context_projection", "target_projection", "predictors", "m
 HEAD_PREFIX = "jepa_head."
 
 
-def artifact_magic(compressor: str) -> bytes:
-    return ARTIFACT_MAGIC_PREFIX + bytes([COMPRESSORS[compressor], 1])
-
-
-def compressor_module(name: str) -> Any:
-    """The module behind a compressor; a missing package is one line that says how to get it."""
-    if name == "lzma":
-        return lzma
-    package = COMPRESSOR_PACKAGES[name]
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise ConfigError(f"COMPRESSOR={name} needs the {package} package: pip install {package} "
-                          f"(or use COMPRESSOR=lzma)") from None
-
-
-def compress_bytes(data: bytes, compressor: str, lzma_preset: int = 9) -> bytes:
-    """Each compressor at its strongest setting (brotli 11 with a 16 MiB window, zstd 22)."""
-    if compressor == "lzma":
-        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=lzma_preset)
-    if compressor == "brotli":
-        return compressor_module("brotli").compress(data, quality=11, lgwin=24)
-    return compressor_module("zstd").ZstdCompressor(level=22).compress(data)
-
-
-def decompress_bytes(data: bytes, compressor: str) -> bytes:
-    if compressor == "lzma":
-        return lzma.decompress(data)
-    if compressor == "brotli":
-        return compressor_module("brotli").decompress(data)
-    return compressor_module("zstd").ZstdDecompressor().decompress(data)
-
-
-def artifact_label(matrix_bits: int, compressor: str) -> str:
-    """How the size and score lines name the export that ran (int6+brotli), as the records name
-    theirs; the matrices' bit width is the one the run asked for (the budget fallback logs any
-    matrix it lowers)."""
-    return f"int{matrix_bits}+{compressor}"
+# ---- per-row quantisation: the clip search, and GPTQ with its calibration ----
 
 
 def quantize_rows(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -2011,6 +2200,100 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, block_size: int = 
     best = errors.argmin(dim=0)
     index = torch.arange(rows, device=w.device)
     return codes[best, index].to(torch.int8), scales[best, index], errors[best, index]
+
+
+# GPTQ's calibration reads training data only (the trainer's own loader, after its last step):
+# the rules allow training data inside the 600 s, never validation data. Its time counts as
+# training time, as the records count it; GPTQ_RESERVE_SECONDS stops the loop early enough for it.
+def collect_hessians(model: nn.Module, batches: Iterable[Tensor], runtime: "Runtime") -> dict[str, Tensor]:
+    """E[x x^T] of the inputs of every linear layer of `model` (every pass of a looped block) over
+    the given input batches and all ranks, keyed by the weight's state-dict name."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    handles = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        name = f"{module_name}.weight"
+        sums[name] = torch.zeros(module.in_features, module.in_features, device=runtime.device)
+        counts[name] = torch.zeros((), device=runtime.device)
+
+        def accumulate(_module: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
+            x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.size(0)
+        handles.append(module.register_forward_pre_hook(accumulate))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), runtime.autocast():
+            for inputs in batches:
+                model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if runtime.distributed:
+        for name in sums:
+            dist.all_reduce(sums[name])
+            dist.all_reduce(counts[name])
+    return {name: (sums[name] / counts[name].clamp_min(1.0)).cpu() for name in sums}
+
+
+def calibrate_gptq(trainer: "Trainer") -> tuple[dict[str, Tensor], float]:
+    """Hessians of the final weights on GPTQ_CALIBRATION_BATCHES fresh training micro-batches per
+    rank (the batches training would have read next). Returns (Hessians, milliseconds)."""
+    hp, runtime = trainer.hp, trainer.runtime
+    runtime.synchronize()
+    started = time.perf_counter()
+    batches = (trainer.loader.next_batch(trainer.local_batch_tokens, hp.train_seq_len)[0]
+               for _ in range(hp.gptq_calibration_batches))
+    hessians = collect_hessians(trainer.model, batches, runtime)
+    runtime.synchronize()
+    return hessians, 1000.0 * (time.perf_counter() - started)
+
+
+# ---- the artifact: compression, storage classes, format, writing it and reading it back ----
+
+
+def artifact_magic(compressor: str) -> bytes:
+    return ARTIFACT_MAGIC_PREFIX + bytes([COMPRESSORS[compressor], 1])
+
+
+def compressor_module(name: str) -> Any:
+    """The module behind a compressor; a missing package is one line that says how to get it."""
+    if name == "lzma":
+        return lzma
+    package = COMPRESSOR_PACKAGES[name]
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"COMPRESSOR={name} needs the {package} package: pip install {package} "
+                          f"(or use COMPRESSOR=lzma)") from None
+
+
+def compress_bytes(data: bytes, compressor: str, lzma_preset: int = 9) -> bytes:
+    """Each compressor at its strongest setting (brotli 11 with a 16 MiB window, zstd 22)."""
+    if compressor == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=lzma_preset)
+    if compressor == "brotli":
+        return compressor_module("brotli").compress(data, quality=11, lgwin=24)
+    return compressor_module("zstd").ZstdCompressor(level=22).compress(data)
+
+
+def decompress_bytes(data: bytes, compressor: str) -> bytes:
+    if compressor == "lzma":
+        return lzma.decompress(data)
+    if compressor == "brotli":
+        return compressor_module("brotli").decompress(data)
+    return compressor_module("zstd").ZstdDecompressor().decompress(data)
+
+
+def artifact_label(matrix_bits: int, compressor: str) -> str:
+    """How the size and score lines name the export that ran (int6+brotli), as the records name
+    theirs; the matrices' bit width is the one the run asked for (the budget fallback logs any
+    matrix it lowers)."""
+    return f"int{matrix_bits}+{compressor}"
 
 
 def tensor_storage_classes(model: nn.Module, matrix_bits: int = 6, embed_bits: int = 8) -> dict[str, str]:
@@ -2197,15 +2480,30 @@ def read_artifact(path: Path, blob: bytes | None = None) -> dict[str, Any]:
             "tensors": metadata["tensors"], "compressor": compressor}
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside the target, then rename: readers never see half a file."""
+@contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """The trainer's one way to write a file (artifact, checkpoint, summary, float weights): the
+    handle writes a temporary file beside `path`, which is flushed to disk and renamed over `path`
+    when the block ends, so readers (and a crash) never see half a file; if the block fails, the
+    previous file stays and the temporary goes. scripts/atomic_write.py is the tools' copy: a
+    record folder ships this file alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as handle:
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write bytes through atomic_output."""
+    with atomic_output(path) as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def shared_artifact_bytes(path: Path, runtime: "Runtime") -> bytes:
@@ -2224,252 +2522,432 @@ def shared_artifact_bytes(path: Path, runtime: "Runtime") -> bytes:
     return payload[0]
 
 
-# =============================================================================
-# RUNTIME: device, distributed set-up, logging
-# =============================================================================
+def save_float_weights(path: Path, model: GPT, head: nn.Module | None, hessians: dict[str, Tensor] | None,
+                       hp: Hyperparameters) -> None:
+    """FLOAT_WEIGHTS_PATH: what scripts/export_study.py re-exports with other settings."""
+    payload = {"hyperparameters": dataclasses.asdict(hp),
+               "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
+               "head_state_dict": {name: t.detach().cpu() for name, t in head.state_dict().items()} if head else {},
+               "hessians": hessians or {}}
+    with atomic_output(path) as handle:
+        torch.save(payload, handle)
 
 
-@dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    compile: bool
-    model_dtype: torch.dtype = torch.float32  # of the embedding tables (apply_model_dtype)
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def setup_runtime(hp: Hyperparameters) -> Runtime:
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        # TF32 as the records set it: it speeds up the fp32 matmuls autocast leaves (Newton-Schulz
-        # off the bf16 path, the JEPA losses' covariance and SIGReg projections, 10 mantissa bits).
-        torch.backends.cuda.matmul.allow_tf32 = hp.tf32
-        torch.backends.cudnn.allow_tf32 = hp.tf32
-    else:
-        device = torch.device("cpu")
-    if world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    autocast_dtype, use_compile = resolve_compute(hp, device)
-    return Runtime(rank, world_size, local_rank, device, autocast_dtype, use_compile,
-                   resolve_model_dtype(hp, autocast_dtype))
-
-
-def resolve_compute(hp: Hyperparameters, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """COMPUTE_DTYPE and COMPILE on this device: (autocast dtype or None, compile or not)."""
-    if hp.compute_dtype == "bfloat16" or (hp.compute_dtype == "auto" and device.type == "cuda"):
-        autocast_dtype: torch.dtype | None = torch.bfloat16
-    else:
-        autocast_dtype = None
-    use_compile = hp.compile == 1 or (hp.compile == -1 and device.type == "cuda")
-    if use_compile:
-        # One graph per (module, call signature and phase): online, target, eval and roundtrip
-        # models, with late QAT and depth recurrence each on and off.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return autocast_dtype, use_compile
-
-
-def resolved_hyperparameters(hp: Hyperparameters, runtime: Runtime) -> Hyperparameters:
-    """The settings as this run applied them: COMPUTE_DTYPE and COMPILE resolved on its device,
-    so that EVAL_ONLY on another machine evaluates the way the run did."""
-    compute_dtype = "bfloat16" if runtime.autocast_dtype == torch.bfloat16 else "float32"
-    return dataclasses.replace(hp, compute_dtype=compute_dtype, compile=int(runtime.compile))
-
-
-def resolve_model_dtype(hp: Hyperparameters, autocast_dtype: torch.dtype | None) -> torch.dtype:
-    """MODEL_DTYPE: auto follows the compute dtype (bf16 tables on CUDA, fp32 on the CPU)."""
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(hp.model_dtype, autocast_dtype or torch.float32)
-
-
-class RunLogger:
-    """Rank 0 writes every line to logs/<RUN_ID>.txt (flushed at once, so a crash loses nothing)
-    and, unless console=False, to stdout."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.handle = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(path, "a", encoding="utf-8")
-
-    def __call__(self, message: str, console: bool = True) -> None:
-        if self.handle is None:
-            return
-        if console:
-            print(message, flush=True)
-        self.handle.write(message + "\n")
-        self.handle.flush()
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, remainder = divmod(seconds, 3600)
-    minutes, seconds = divmod(remainder, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10, check=False)
-        return result.stdout.strip() if result.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def running_code() -> tuple[str, int]:
-    """The trainer's source as it runs, and the code bytes the challenge counts: the size of the
-    file that ran. A record folder's train_gpt.py is a compressed wrapper that sets TRAINER_SOURCE
-    to the decoded source and executes it in its own globals: the log shows that source, while
-    the count is the wrapper's own bytes."""
-    file_bytes = Path(__file__).read_bytes()
-    source = globals().get("TRAINER_SOURCE")
-    return (source if isinstance(source, str) else file_bytes.decode("utf-8")), len(file_bytes)
-
-
-def device_name(runtime: Runtime) -> str:
-    if runtime.device.type == "cuda":
-        return torch.cuda.get_device_name(runtime.device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_bytes: int, log: RunLogger,
+                        hessians: dict[str, Tensor] | None = None,
+                        head: nn.Module | None = None) -> ConfigError | RunFailure | None:
+    """Rank 0 quantises, compresses and writes the artifact (and FLOAT_WEIGHTS_PATH when set);
+    every rank returns the same outcome: None, or the one-line error that stops the run
+    (ConfigError for what the user can fix, RunFailure for anything else)."""
+    artifact_path = Path(hp.artifact_path)
+    export_error: ConfigError | RunFailure | None = None
+    if runtime.master:
+        try:
+            if hp.float_weights_path:
+                save_float_weights(Path(hp.float_weights_path), model, head, hessians, hp)
+                log(f"float weights: {hp.float_weights_path}")
+            started = time.perf_counter()
+            artifact = export_artifact(model, resolved_hyperparameters(hp, runtime), code_bytes, log, hessians, head)
+            write_atomically(artifact_path, artifact)
+            log(f"export: quant:{hp.quant if hessians else 'clip'} matrix_bits:{hp.matrix_bits} "
+                f"embed_bits:{hp.embed_bits} compressor:{hp.compressor} jepa_head:{int(head is not None)} "
+                f"time:{1000 * (time.perf_counter() - started):.0f}ms")
+            label = artifact_label(hp.matrix_bits, hp.compressor)
+            log(f"Serialized model {label}: {len(artifact)} bytes")
+            log(f"Code size: {code_bytes} bytes")
+            log(f"Total submission size {label}: {len(artifact) + code_bytes} bytes "
+                f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
+        except ConfigError as error:
+            export_error = error
+        except OSError as error:  # caught, not raised here: the other ranks wait for this outcome
+            export_error = ConfigError(f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
+                                       f"point ARTIFACT_PATH at a writable location with free space")
+        except Exception as error:  # any other failure too: raised here, it would leave the other
+            # ranks in the broadcast below until the collective timeout (NCCL: 10 minutes)
+            log("".join(traceback.format_exception(error)).rstrip(), console=False)
+            export_error = RunFailure(f"export failed on rank 0 with {type(error).__name__}: {error} "
+                                      f"(traceback in the run's log); nothing was written to ARTIFACT_PATH")
+    if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
+        shared = [None if export_error is None else (type(export_error).__name__, str(export_error))]
+        dist.broadcast_object_list(shared, src=0)  # a (kind, message) pair: plain data pickles anywhere
+        if shared[0] is not None:
+            kind, message = shared[0]
+            export_error = ConfigError(message) if kind == "ConfigError" else RunFailure(message)
+    return export_error
 
 
 # =============================================================================
-# TRAINING
+# EVALUATION AND TEST-TIME TRAINING: val_bpb, sliding windows, the roundtrip, score-first TTT
 # =============================================================================
 
 
-def build_optimizers(hp: Hyperparameters, runtime: Runtime, modules: list[nn.Module]) -> list[torch.optim.Optimizer]:
-    """Muon for every matrix of a linear layer (backbone and JEPA alike), AdamW for embeddings,
-    AdamW with SCALAR_WD for everything else (gains, scales, mixes, gates). Groups follow module types, not parameter names,
-    and every trainable parameter must land in exactly one group (asserted). modules[0] is the
-    backbone, the others are JEPA parts: with JEPA_HEAD_LR > 0 their matrices form a second Muon
-    group at that learning rate (without it they share the backbone's group and MATRIX_LR)."""
-    matrices, head_matrices, embeddings, scalars = [], [], [], []
-    for root_index, root in enumerate(modules):
-        own_head_group = root_index > 0 and hp.jepa_head_lr > 0
-        for module in root.modules():
-            for param in module.parameters(recurse=False):
-                if not param.requires_grad:
-                    continue
-                if isinstance(module, nn.Embedding):
-                    embeddings.append(param)
-                elif isinstance(module, nn.Linear) and param.ndim == 2:
-                    (head_matrices if own_head_group else matrices).append(param)
-                else:
-                    scalars.append(param)
-    fused = runtime.device.type == "cuda"
-    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                weight_decay=hp.muon_wd, rank=runtime.rank, world_size=runtime.world_size, kind=hp.muon_ns,
-                compiled=runtime.compile and runtime.device.type == "cuda")
-    if head_matrices:
-        muon.add_param_group({"params": head_matrices, "lr": hp.jepa_head_lr})
-    optimizers: list[torch.optim.Optimizer] = [
-        muon,
-        torch.optim.AdamW(embeddings, lr=hp.tied_embed_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
-                          weight_decay=hp.adam_wd, fused=fused),
-        torch.optim.AdamW(scalars, lr=hp.scalar_lr, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
-                          weight_decay=hp.scalar_wd, fused=fused),
-    ]
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["base_lr"] = group["lr"]
-    grouped = [id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
-    trainable = [id(p) for root in modules for p in root.parameters() if p.requires_grad]
-    assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
-    assert set(grouped) == set(trainable), "a trainable parameter is in no optimizer group"
-    return optimizers
+def evaluation_windows(usable: int, seq_len: int, stride: int = 0) -> list[tuple[int, int, int]]:
+    """The windows an evaluation scores, as (start, skip, end): window tokens [start, end] (inputs
+    start..end-1, targets start+1..end), of which targets from start + skip + 1 on are scored.
+
+    stride = 0 (or = seq_len): disjoint windows of seq_len, every token scored once. A smaller
+    stride: windows of seq_len ending every `stride` tokens, each scoring only its last `stride`
+    tokens, so every token but the first window's is predicted with seq_len - stride tokens of
+    context. Both modes score exactly the same tokens, so their numbers are comparable."""
+    stride = seq_len if stride <= 0 else stride
+    window_ends = list(range(seq_len, usable + 1, stride))
+    if window_ends[-1] != usable:
+        window_ends.append(usable)
+    # Window i scores target positions [previous end, end): the first window scores all of its own.
+    return [(end - seq_len, prev_end - (end - seq_len), end) for prev_end, end in zip([0] + window_ends[:-1], window_ends)]
 
 
-@dataclass
-class Schedule:
-    """Learning-rate, JEPA-weight and curriculum multipliers as functions of progress."""
+class ScoreSums(NamedTuple):
+    loss: Tensor  # summed token losses, nats (float64, on the device)
+    tokens: Tensor
+    bytes: Tensor
 
-    hp: Hyperparameters
-    jepa_active: bool
-    # The JEPA weight that the ramp and the anneal multiply: JEPA_WEIGHT, or with JEPA_GRAD_SHARE
-    # the weight its controller set on the last log step (the same on every rank).
-    base_jepa_weight: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.base_jepa_weight is None:
-            self.base_jepa_weight = self.hp.jepa_weight
+def score_windows(model: nn.Module, device_tokens: Tensor, windows: list[tuple[int, int, int]], seq_len: int,
+                  batch_windows: int, luts: tuple[Tensor, Tensor, Tensor], runtime: "Runtime",
+                  token_losses_out: list[Tensor] | None = None) -> ScoreSums:
+    """Loss, token and byte sums of this rank's windows, under inference mode (nothing scored
+    here can train anything). The windows are padded to whole batches with windows that score
+    nothing: one batch shape, so a compiled model compiles once; and the scoring masks are built
+    on the device, so the loop never waits for the GPU (no boolean indexing, no host-to-device
+    copies per batch). token_losses_out (tests): receives each batch's scored token losses, in
+    window order."""
+    bytes_per_token, has_leading_space, is_boundary = luts
+    windows = windows + [(0, seq_len, seq_len)] * (-len(windows) % batch_windows)
+    window_starts = torch.tensor([start for start, _, _ in windows], dtype=torch.int64).to(runtime.device)
+    window_skips = torch.tensor([skip for _, skip, _ in windows], dtype=torch.int64).to(runtime.device)
+    offsets = torch.arange(seq_len + 1, device=runtime.device)
+    sums = ScoreSums(*(torch.zeros((), device=runtime.device, dtype=torch.float64) for _ in range(3)))
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for first in range(0, len(windows), batch_windows):
+            # Every window spans seq_len + 1 tokens from its start (the last one ends at `usable`).
+            rows = device_tokens[window_starts[first:first + batch_windows, None] + offsets]
+            inputs, targets = rows[:, :-1], rows[:, 1:]
+            scored = offsets[None, :-1] >= window_skips[first:first + batch_windows, None]
+            with runtime.autocast():
+                token_losses, _ = model(inputs, targets, reduction="none")
+            sums.loss.add_(torch.where(scored, token_losses.double(), 0.0).sum())
+            if token_losses_out is not None:
+                token_losses_out.append(token_losses[scored].float().cpu())
+            sums.tokens.add_(scored.sum())
+            token_bytes = bytes_per_token[targets].to(torch.int32)
+            token_bytes += (has_leading_space[targets] & ~is_boundary[inputs]).to(torch.int32)
+            sums.bytes.add_(torch.where(scored, token_bytes, 0).sum())
+    model.train(was_training)
+    return sums
 
-    def warmdown(self, step: int, elapsed_ms: float) -> float:
-        """1 until the warmdown, then linear to 0 at the last step (or the wall-clock cap, using
-        the measured time per step to place the warmdown's start)."""
+
+def bpb_from_sums(sums: ScoreSums, runtime: "Runtime") -> tuple[float, float]:
+    """All ranks' sums together: (val_loss in nats per token, val_bpb)."""
+    if runtime.distributed:
+        for total in sums:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    val_loss = (sums.loss / sums.tokens).item()
+    return val_loss, val_loss / math.log(2.0) * sums.tokens.item() / sums.bytes.item()
+
+
+def evaluate_bpb(
+    model: nn.Module,
+    val_tokens: Tensor,
+    seq_len: int,
+    batch_tokens: int,
+    luts: tuple[Tensor, Tensor, Tensor],
+    runtime: "Runtime",
+    stride: int = 0,
+) -> tuple[float, float]:
+    """Cross-entropy (nats/token) and bits per byte over the validation tokens, windows as
+    evaluation_windows lays them out, shared round-robin between the ranks."""
+    windows = evaluation_windows(val_tokens.numel() - 1, seq_len, stride)
+    batch_windows = max(1, batch_tokens // (seq_len * runtime.world_size))
+    device_tokens = val_tokens.to(runtime.device, torch.int64)
+    sums = score_windows(model, device_tokens, windows[runtime.rank::runtime.world_size], seq_len, batch_windows,
+                         luts, runtime)
+    return bpb_from_sums(sums, runtime)
+
+
+def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str, Tensor],
+                     compiled: bool = True) -> nn.Module:
+    """A fresh backbone (no JEPA part) holding the given weights, in training's dtypes and final
+    phase (looping on when configured: training always ends past LOOP_START_FRACTION), compiled
+    like training's unless compiled=False."""
+    model = GPT(hp).to(runtime.device)
+    apply_model_dtype(model, runtime.model_dtype)
+    model.looping = Schedule(hp, jepa_active=False).phase_at(1.0)[1]
+    model.load_state_dict({name: tensor.to(runtime.device) for name, tensor in state_dict.items()}, strict=True)
+    return torch.compile(model, dynamic=False, fullgraph=True) if runtime.compile and compiled else model
+
+
+# ---- score-first test-time training ----
+# Test-time training is the records' legal score-first TTT (#549): the validation windows are
+# grouped into chunks of about TTT_CHUNK_TOKENS scored tokens, in order; each chunk is scored
+# under inference mode, and only then trained on (TTT_EPOCHS full-batch SGD steps over sequences
+# whose every target was already scored). No token is ever scored by a model that has seen it.
+
+
+class LoraLinear(nn.Module):
+    """TTT_PARAMS=lora: a frozen linear layer plus a trainable low-rank update up @ down. `up`
+    starts at zero, so the adapted model starts exactly as the artifact's."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        down = torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features)
+        self.down = nn.Parameter(down.to(base.weight.device))
+        self.up = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+def attach_lora(model: GPT, rank: int, seed: int) -> list[nn.Parameter]:
+    """Freeze the model and wrap every matrix of its blocks in a LoraLinear (the same adapters on
+    every rank: they are drawn from SEED). Returns the adapters' parameters."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    adapters: list[nn.Parameter] = []
+    for block in model.blocks:
+        for parent in list(block.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, CastedLinear):
+                    adapter = LoraLinear(child, rank, generator)
+                    setattr(parent, child_name, adapter)
+                    adapters += [adapter.down, adapter.up]
+    return adapters
+
+
+def ttt_chunks(windows: list[tuple[int, int, int]], chunk_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive evaluation windows grouped into chunks of at least chunk_tokens scored tokens
+    (the last may hold fewer). Whole windows, so TTT scores exactly the tokens evaluation scores."""
+    chunks: list[list[tuple[int, int, int]]] = [[]]
+    scored = 0
+    for window in windows:
+        if scored >= chunk_tokens:
+            chunks.append([])
+            scored = 0
+        chunks[-1].append(window)
+        scored += window[2] - window[0] - window[1]
+    return chunks
+
+
+def ttt_sequence_ends(chunk: list[tuple[int, int, int]], seq_len: int) -> list[int]:
+    """Last target positions of the training sequences of a scored chunk: sequences of seq_len
+    targets ending at the chunk's last scored target and every seq_len before it, so they cover
+    the chunk's targets and read nothing after them (a sequence near the start may reach back
+    into earlier, already scored chunks)."""
+    first_target = chunk[0][0] + chunk[0][1] + 1
+    last_target = chunk[-1][2]
+    return sorted({max(end, seq_len) for end in range(last_target, first_target - 1, -seq_len)})
+
+
+class ScoreFirstTrainer:
+    """A fresh copy of the artifact's model (and JEPA head for TTT_OBJECTIVE=ce+jepa), its SGD or
+    Adam optimizer over TTT_PARAMS, and the two halves of a chunk: score it, then train on it."""
+
+    def __init__(self, hp: Hyperparameters, runtime: "Runtime", state_dict: dict[str, Tensor],
+                 head_state_dict: dict[str, Tensor]):
+        self.hp, self.runtime = hp, runtime
+        self.model = build_eval_model(hp, runtime, state_dict, compiled=False)
+        self.head: JepaHead | None = None
+        if hp.ttt_objective == "ce+jepa":
+            if not head_state_dict:
+                raise ConfigError("TTT_OBJECTIVE=ce+jepa needs the JEPA head in the artifact: train the run with "
+                                  "TTT_OBJECTIVE=ce+jepa (it exports the head), or use TTT_OBJECTIVE=ce")
+            if hp.jepa_mode not in ("next", "chunk"):
+                raise ConfigError(f"TTT_OBJECTIVE=ce+jepa supports JEPA_MODE next and chunk, not {hp.jepa_mode}")
+            self.head = JepaHead(hp).to(runtime.device)
+            self.head.load_state_dict({name: t.to(runtime.device) for name, t in head_state_dict.items()}, strict=True)
+        if hp.ttt_params == "lora":
+            self.parameters = attach_lora(self.model, hp.ttt_lora_rank, hp.seed)
+        else:
+            self.parameters = [p for p in self.model.parameters()]
+        if self.head is not None:
+            self.parameters += list(self.head.parameters())
+        if hp.ttt_optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.parameters, lr=hp.ttt_lr,
+                                                                     betas=(hp.ttt_momentum, 0.99))
+        else:
+            self.optimizer = torch.optim.SGD(self.parameters, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        compile_module = (lambda module: torch.compile(module, dynamic=False, fullgraph=True)) if runtime.compile else (
+            lambda module: module)
+        self.compiled_model = compile_module(self.model)
+        self.compiled_head = compile_module(self.head) if self.head is not None else None
+        self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
+        self.offsets = torch.arange(hp.train_seq_len + 1, device=runtime.device)
+
+    def score(self, device_tokens: Tensor, chunk: list[tuple[int, int, int]], batch_windows: int,
+              luts: tuple[Tensor, Tensor, Tensor], token_losses_out: list[Tensor] | None = None) -> ScoreSums:
+        return score_windows(self.compiled_model, device_tokens, chunk[self.runtime.rank::self.runtime.world_size],
+                             self.hp.train_seq_len, batch_windows, luts, self.runtime, token_losses_out)
+
+    def _loss(self, inputs: Tensor, targets: Tensor, total_targets: int) -> Tensor:
+        """This micro-batch's share of the chunk's mean loss (summed over ranks and micro-batches)."""
         hp = self.hp
-        if hp.warmdown_iters <= 0:
-            return 1.0
-        by_steps = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
-        if hp.training_seconds <= 0 or step == 0:
-            return by_steps
-        warmdown_ms = hp.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(1000.0 * hp.training_seconds - elapsed_ms, 0.0)
-        return min(by_steps, remaining_ms / max(warmdown_ms, 1e-9))
+        if self.head is None:
+            token_losses, _ = self.compiled_model(inputs, targets, reduction="none")
+            return token_losses.float().sum() / total_targets
+        token_losses, features = self.compiled_model(inputs, targets, feature_layer=hp.jepa_layer_index,
+                                                     reduction="none")
+        directions = (draw_sigreg_directions(hp, self.sigreg_generator, self.runtime.device)
+                      if hp.anti_collapse == "sigreg" else None)
+        # The target is the online model's own features under stop-gradient (the EMA target
+        # encoder of training is not exported).
+        prediction_loss, regulariser_loss = self.compiled_head(features, features.detach(), None, directions)
+        jepa_sum = hp.jepa_weight * (prediction_loss + regulariser_loss) * targets.numel()
+        return (token_losses.float().sum() + jepa_sum) / total_targets
 
-    def lr_multiplier(self, step: int, elapsed_ms: float) -> float:
-        """Warmup times warmdown, the warmdown floored at MIN_LR."""
-        warmup = min(1.0, (step + 1) / self.hp.lr_warmup_steps) if self.hp.lr_warmup_steps > 0 else 1.0
-        return warmup * max(self.warmdown(step, elapsed_ms), self.hp.min_lr)
+    def train_on(self, device_tokens: Tensor, chunk: list[tuple[int, int, int]], lr: float,
+                 batch_sequences: int) -> None:
+        """TTT_EPOCHS optimizer steps on the already scored chunk, each over all of its sequences (shared
+        between the ranks, gradients summed)."""
+        hp, runtime = self.hp, self.runtime
+        ends = ttt_sequence_ends(chunk, hp.train_seq_len)
+        mine = ends[runtime.rank::runtime.world_size]
+        total_targets = len(ends) * hp.train_seq_len
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(hp.ttt_epochs):
+            self.optimizer.zero_grad(set_to_none=False)
+            for first in range(0, len(mine), batch_sequences):
+                starts = torch.tensor(mine[first:first + batch_sequences], device=runtime.device) - hp.train_seq_len
+                rows = device_tokens[starts[:, None] + self.offsets]
+                with runtime.autocast():
+                    loss = self._loss(rows[:, :-1], rows[:, 1:], total_targets)
+                loss.backward()
+            if runtime.distributed:
+                for param in self.parameters:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    dist.all_reduce(param.grad)
+            if hp.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.parameters, hp.ttt_grad_clip)
+            self.optimizer.step()
+        self.model.eval()
 
-    def progress(self, step: int, elapsed_ms: float) -> float:
-        by_time = elapsed_ms / (1000.0 * self.hp.training_seconds) if self.hp.training_seconds > 0 else 0.0
-        return max(step / self.hp.iterations, by_time)
 
-    def phase(self, step: int, elapsed_ms: float) -> tuple[bool, bool]:
-        """(late QAT on, depth recurrence on) at this point of training."""
-        return self.phase_at(self.progress(step, elapsed_ms))
+def run_test_time_training(hp: Hyperparameters, runtime: "Runtime", state_dict: dict[str, Tensor],
+                    head_state_dict: dict[str, Tensor], val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
+                    chunk_token_losses: list[Tensor] | None = None) -> dict[str, float]:
+    """Score-first TTT over the whole validation split, windows as the final evaluation lays them
+    out (EVAL_STRIDE). Returns val_loss, val_bpb, the chunk count and the scoring and training
+    milliseconds. chunk_token_losses (tests): receives the loss of every token scored, per chunk."""
+    started = time.perf_counter()
+    ttt = ScoreFirstTrainer(hp, runtime, state_dict, head_state_dict)
+    seq_len = hp.train_seq_len
+    chunks = ttt_chunks(evaluation_windows(val_tokens.numel() - 1, seq_len, hp.eval_stride), hp.ttt_chunk_tokens)
+    batch_windows = max(1, hp.val_batch_size // (seq_len * runtime.world_size))
+    device_tokens = val_tokens.to(runtime.device, torch.int64)
+    totals = ScoreSums(*(torch.zeros((), device=runtime.device, dtype=torch.float64) for _ in range(3)))
+    score_ms = train_ms = 0.0
+    for index, chunk in enumerate(chunks):
+        runtime.synchronize()
+        scoring_started = time.perf_counter()
+        scored_losses: list[Tensor] | None = [] if chunk_token_losses is not None else None
+        for total, part in zip(totals, ttt.score(device_tokens, chunk, batch_windows, luts, scored_losses)):
+            total.add_(part)
+        if chunk_token_losses is not None:
+            chunk_token_losses.append(torch.cat(scored_losses))
+        runtime.synchronize()
+        score_ms += 1000.0 * (time.perf_counter() - scoring_started)
+        if index == len(chunks) - 1 or hp.ttt_epochs == 0 or hp.ttt_lr == 0:
+            continue  # nothing is scored after the last chunk: training on it would change nothing
+        training_started = time.perf_counter()
+        lr = hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
+        ttt.train_on(device_tokens, chunk, lr, batch_windows)
+        runtime.synchronize()
+        train_ms += 1000.0 * (time.perf_counter() - training_started)
+    val_loss, val_bpb = bpb_from_sums(totals, runtime)
+    return {"val_loss": val_loss, "val_bpb": val_bpb, "chunks": len(chunks), "score_ms": score_ms,
+            "train_ms": train_ms, "total_ms": 1000.0 * (time.perf_counter() - started),
+            "parameters": sum(p.numel() for p in ttt.parameters)}
 
-    def phase_at(self, progress: float) -> tuple[bool, bool]:
-        hp = self.hp
-        tolerance = 1e-9  # 1 - 0.15 is a hair above 0.85 in binary: step 85 of 100 is in the last 15%
-        qat = hp.qat_start_fraction > 0 and 1.0 - progress <= hp.qat_start_fraction + tolerance
-        looping = (hp.loop_layer_range is not None and hp.loop_count > 0
-                   and progress >= hp.loop_start_fraction - tolerance)
-        return qat, looping
 
-    def reachable_phases(self) -> list[tuple[bool, bool]]:
-        """Every (QAT, looping) pair a run passes through: compile priming runs each of them."""
-        starts = {0.0, 1.0 - self.hp.qat_start_fraction, self.hp.loop_start_fraction}
-        phases = [self.phase_at(progress) for progress in sorted(starts) if progress < 1.0]
-        return list(dict.fromkeys(phases))
+# ---- the roundtrip: an artifact evaluated on its own, in training's process or with EVAL_ONLY=1 ----
 
-    def ce_weight(self, step: int, elapsed_ms: float) -> float:
-        """Curriculum: CE weight 0 during the first JEPA_ONLY_FRACTION of training."""
-        if not self.jepa_active or self.hp.jepa_only_fraction <= 0:
-            return 1.0
-        return 0.0 if self.progress(step, elapsed_ms) < self.hp.jepa_only_fraction else 1.0
 
-    def jepa_weight(self, step: int, elapsed_ms: float) -> float:
-        hp = self.hp
-        if not self.jepa_active:
-            return 0.0
-        ramp = min(1.0, step / hp.jepa_warmup_steps) if hp.jepa_warmup_steps > 0 else 1.0
-        anneal = self.warmdown(step, elapsed_ms) if hp.jepa_anneal else 1.0
-        return self.base_jepa_weight * ramp * anneal
+def evaluate_artifact(hp: Hyperparameters, runtime: Runtime, artifact_path: Path, val_tokens: Tensor,
+                      luts: tuple[Tensor, Tensor, Tensor], log: RunLogger, blob: bytes) -> dict[str, Any]:
+    """Roundtrip: rebuild the model from the artifact alone (its bytes, on every rank), evaluate,
+    log the result lines; then, with TTT=1, score-first test-time training from the same artifact."""
+    artifact = read_artifact(artifact_path, blob)
+    model = build_eval_model(hp, runtime, artifact["state_dict"])
+    # The line names the export that ran (final_int6_brotli_roundtrip_exact): the challenge's
+    # parsers read final_*_roundtrip_exact, whatever the quantiser and compressor.
+    label = artifact_label(artifact["hyperparameters"].get("matrix_bits", 6), artifact["compressor"])
+    line_name = "final_" + label.replace("+", "_") + "_roundtrip"
+    started = time.perf_counter()
+    val_loss, val_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts, runtime)
+    log(f"{line_name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+        f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
+    log(f"{line_name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    result: dict[str, Any] = {"roundtrip_val_loss": val_loss, "roundtrip_val_bpb": val_bpb,
+                              "sliding_val_loss": None, "sliding_val_bpb": None, "export_label": label,
+                              "roundtrip_line": f"{line_name}_exact"}
+    if hp.eval_stride > 0:
+        started = time.perf_counter()
+        sliding_loss, sliding_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts,
+                                                 runtime, stride=hp.eval_stride)
+        log(f"final_sliding val_loss:{sliding_loss:.8f} val_bpb:{sliding_bpb:.8f} stride:{hp.eval_stride} "
+            f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
+        result.update(sliding_val_loss=sliding_loss, sliding_val_bpb=sliding_bpb)
+    if hp.ttt:
+        del model  # TTT builds its own copy of the weights, which it trains
+        ttt = run_test_time_training(hp, runtime, artifact["state_dict"], artifact["head_state_dict"], val_tokens, luts)
+        baseline_name, baseline = (("final_sliding", result["sliding_val_bpb"]) if hp.eval_stride > 0
+                                   else ("roundtrip", val_bpb))
+        log(f"ttt: {ttt['chunks']} chunks of ~{hp.ttt_chunk_tokens} tokens, epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
+            f"{hp.ttt_optimizer} momentum:{hp.ttt_momentum} params:{hp.ttt_params} ({ttt['parameters']} trained) "
+            f"objective:{hp.ttt_objective} scoring:{ttt['score_ms']:.0f}ms training:{ttt['train_ms']:.0f}ms")
+        log(f"final_ttt val_loss:{ttt['val_loss']:.4f} val_bpb:{ttt['val_bpb']:.4f} eval_time:{ttt['total_ms']:.0f}ms")
+        log(f"final_ttt_exact val_loss:{ttt['val_loss']:.8f} val_bpb:{ttt['val_bpb']:.8f}")
+        log(f"ttt_gain val_bpb:{ttt['val_bpb'] - baseline:+.5f} (against {baseline_name}, the same windows)")
+        result.update(ttt_val_loss=ttt["val_loss"], ttt_val_bpb=ttt["val_bpb"], ttt_eval_time_ms=round(ttt["total_ms"], 1),
+                      ttt_train_time_ms=round(ttt["train_ms"], 1), ttt_objective=hp.ttt_objective,
+                      ttt_params=hp.ttt_params)
+    return result
+
+
+def run_eval_only(hp: Hyperparameters, runtime: Runtime) -> None:
+    """EVAL_ONLY=1: the artifact and this file are all that is needed. Shape settings come from
+    the artifact; evaluation settings and paths from the environment when set, else the run's."""
+    artifact_path = Path(hp.artifact_path)
+    blob = shared_artifact_bytes(artifact_path, runtime)
+    stored = read_artifact(artifact_path, blob)["hyperparameters"]
+    overrides = {}
+    for name, value in stored.items():
+        if name.upper() in os.environ and name in MODEL_SHAPE_FIELDS and getattr(hp, name) != value:
+            raise ConfigError(f"{name.upper()}={getattr(hp, name)} contradicts the artifact's {name}={value}: "
+                              f"unset it (the artifact fixes the model's shape)")
+        if name.upper() not in os.environ and name in {f.name for f in dataclasses.fields(Hyperparameters)}:
+            overrides[name] = value
+    hp = dataclasses.replace(hp, **overrides, eval_only=True)
+    # The compute dtype, compilation and tables' dtype of the run that wrote the artifact (its
+    # COMPUTE_DTYPE and COMPILE as resolved on its device), unless the environment sets them.
+    autocast_dtype, use_compile = resolve_compute(hp, runtime.device)
+    runtime = dataclasses.replace(runtime, autocast_dtype=autocast_dtype, compile=use_compile,
+                                  model_dtype=resolve_model_dtype(hp, autocast_dtype))
+    log = RunLogger(Path(hp.log_dir) / f"{hp.run_id or 'eval'}_eval.txt") if runtime.master else RunLogger(None)
+    luts = build_bpb_luts(load_tokenizer(hp), hp.vocab_size, runtime.device)
+    val_tokens = load_validation_tokens(find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
+                                        hp.val_max_tokens)
+    _, code_bytes = running_code()
+    artifact_bytes = len(blob)
+    log(f"eval_only artifact:{artifact_path} bytes:{artifact_bytes} val_tokens:{val_tokens.numel() - 1} "
+        f"autocast:{runtime.autocast_dtype} compile:{runtime.compile} model_dtype:{runtime.model_dtype}")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size {artifact_label(hp.matrix_bits, read_artifact(artifact_path, blob)['compressor'])}: "
+        f"{artifact_bytes + code_bytes} bytes")
+    evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log, blob)
+
+
+# =============================================================================
+# TRAINING LOOP: the Trainer (one optimizer step), checkpoints, the run from set-up to summary
+# =============================================================================
+
+
+# ---- one optimizer step: the Trainer ----
 
 
 class LossTerms(NamedTuple):
@@ -2477,6 +2955,18 @@ class LossTerms(NamedTuple):
     ce: Tensor
     prediction: Tensor | None  # None on vanilla and zero-JEPA-weight steps
     regulariser: Tensor | None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What Trainer.step reports: the schedule's values it stepped with, and how it ended."""
+
+    ce_weight: float  # the curriculum's CE weight (0 during JEPA_ONLY_FRACTION)
+    jepa_weight: float  # the JEPA weight the step used: the schedule's, or the one priming forced (0: vanilla)
+    lr_multiplier: float  # warmup x warmdown, the warmdown floored at MIN_LR
+    stop: bool  # some rank was asked to stop (SIGTERM/SIGINT): the loop checkpoints and exits
+    skipped: bool = False  # a non-finite loss under NAN_POLICY=skip: no update was applied
+    terms: dict[str, float] | None = None  # a skipped step's loss terms, for its log line
 
 
 class NonFiniteLoss(Exception):
@@ -2487,12 +2977,12 @@ class NonFiniteLoss(Exception):
         self.step, self.terms, self.weights_finite = step, terms, weights_finite
 
 
-class RunFailure(Exception):
-    """The run cannot go on; main() prints one line and exits with status 1."""
-
-
-class RunInterrupted(Exception):
-    """SIGTERM/SIGINT: a checkpoint was written; main() exits with status 75 (temporary failure)."""
+MAX_CONSECUTIVE_SKIPS = 20  # NAN_POLICY=skip gives up after this many non-finite steps in a row
+# JEPA_GRAD_SHARE's controller: each log step moves log(weight) this fraction of the way to the
+# weight the measured share asks for. 0.5 halves one micro-batch's noise (its share scatters by
+# about 15% at the tiny preset's 4 sequences) and still closes 97% of a gap within 5 log steps.
+JEPA_GRAD_SHARE_SMOOTHING = 0.5
+JEPA_GRAD_SHARE_WEIGHT_RANGE = (1e-4, 1e3)  # the controlled weight's bounds: a stray measurement cannot run away
 
 
 class Trainer:
@@ -2719,7 +3209,7 @@ class Trainer:
             return 1.0
         return dot / math.sqrt(norm_without * norm_with)
 
-    def log_step_pull(self, outcome: dict[str, Any]) -> dict[str, float]:
+    def log_step_pull(self, outcome: StepOutcome) -> dict[str, float]:
         """On a log step, on every rank (it may broadcast): rank 0 measures the pull of the step
         just taken (measure_pull); with JEPA_GRAD_SHARE the base JEPA weight then moves towards the
         one that holds the share (_steer_jepa_weight). Returns what the train line shows."""
@@ -2727,7 +3217,7 @@ class Trainer:
             return {}
         metrics: dict[str, float] = {}
         if self.runtime.master:
-            metrics = self.measure_pull(outcome["ce_weight"], outcome["jepa_weight"]) or {}
+            metrics = self.measure_pull(outcome.ce_weight, outcome.jepa_weight) or {}
         unit_share = metrics.pop("jepa_unit_share", float("nan"))
         if self.hp.jepa_grad_share > 0:
             self._steer_jepa_weight(unit_share)
@@ -2807,7 +3297,7 @@ class Trainer:
         self.phase = phase
 
     def step(self, step: int, elapsed_ms: Callable[[], float], jepa_weight: float | None = None,
-             phase: tuple[bool, bool] | None = None) -> dict[str, Any]:
+             phase: tuple[bool, bool] | None = None) -> StepOutcome:
         """One optimizer step over GRAD_ACCUM_STEPS micro-batches. Returns the schedule values
         and whether the step was skipped (non-finite loss, NAN_POLICY=skip) or a stop was asked.
         jepa_weight and phase override the schedule's (compile priming forces each path once)."""
@@ -2844,8 +3334,8 @@ class Trainer:
             # Even a non-finite last micro-step runs its backward: DDP has prepared its reduction
             # in the forward and must complete it, or the next step's gradients would be wrong.
             (total / self.grad_accum_steps).backward()
-        outcome = {"ce_weight": ce_weight, "jepa_weight": jepa_weight, "stop": stop, "skipped": False,
-                   "lr_multiplier": self.schedule.lr_multiplier(step, self.agreed_elapsed_ms)}
+        outcome = StepOutcome(ce_weight=ce_weight, jepa_weight=jepa_weight, stop=stop,
+                              lr_multiplier=self.schedule.lr_multiplier(step, self.agreed_elapsed_ms))
         if nonfinite:
             return self._skip_or_raise(step, sums, jepa_micro_steps, outcome)
         self.consecutive_skips = 0
@@ -2854,7 +3344,7 @@ class Trainer:
         muon_momentum = (1 - momentum_fraction) * hp.muon_momentum_warmup_start + momentum_fraction * hp.muon_momentum
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * outcome["lr_multiplier"]
+                group["lr"] = group["base_lr"] * outcome.lr_multiplier
                 if isinstance(optimizer, Muon):
                     group["momentum"] = muon_momentum
         self.clip_gradients()
@@ -2878,7 +3368,7 @@ class Trainer:
         if self.head is not None:
             torch.nn.utils.clip_grad_norm_(list(self.head.parameters()), self.hp.grad_clip_norm)
 
-    def _skip_or_raise(self, step: int, sums: Tensor, jepa_micro_steps: int, outcome: dict[str, Any]) -> dict[str, Any]:
+    def _skip_or_raise(self, step: int, sums: Tensor, jepa_micro_steps: int, outcome: StepOutcome) -> StepOutcome:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         values = sums.tolist()
@@ -2889,7 +3379,7 @@ class Trainer:
         self.consecutive_skips += 1
         if self.hp.nan_policy == "skip" and weights_finite and self.consecutive_skips <= MAX_CONSECUTIVE_SKIPS:
             self.skipped_steps += 1
-            return {**outcome, "skipped": True, "terms": terms}
+            return dataclasses.replace(outcome, skipped=True, terms=terms)
         raise NonFiniteLoss(step, terms, weights_finite)
 
     def weights_finite(self) -> bool:
@@ -2980,17 +3470,28 @@ class Trainer:
             optimizer.load_state_dict(optimizer_state)
 
 
-MAX_CONSECUTIVE_SKIPS = 20  # NAN_POLICY=skip gives up after this many non-finite steps in a row
-# JEPA_GRAD_SHARE's controller: each log step moves log(weight) this fraction of the way to the
-# weight the measured share asks for. 0.5 halves one micro-batch's noise (its share scatters by
-# about 15% at the tiny preset's 4 sequences) and still closes 97% of a gap within 5 log steps.
-JEPA_GRAD_SHARE_SMOOTHING = 0.5
-JEPA_GRAD_SHARE_WEIGHT_RANGE = (1e-4, 1e3)  # the controlled weight's bounds: a stray measurement cannot run away
+def prime_and_undo(trainer: Trainer) -> int:
+    """WARMUP_STEPS: prime compilation and the allocator on the real step function, then undo every
+    effect (weights, optimizer states, averages, data position, generators). The steps cycle
+    through every path a run takes, at least once each, whatever its schedule says at those steps:
+    a JEPA run's JEPA and zero-weight steps, each in every (late QAT, looping) phase the run
+    reaches. Nothing compiles once the training clock runs. Returns the count."""
+    weights: list[float | None] = [None] if trainer.head is None else [trainer.hp.jepa_weight, 0.0]
+    paths = [(weight, phase) for phase in trainer.schedule.reachable_phases() for weight in weights]
+    count = max(trainer.hp.warmup_steps, len(paths))
+    saved = copy.deepcopy(trainer.modules_state())
+    swa_sum, swa_count = trainer.swa_sum, trainer.swa_count
+    for warmup_step in range(count):
+        weight, phase = paths[warmup_step % len(paths)]
+        trainer.step(warmup_step, lambda: 0.0, jepa_weight=weight, phase=phase)
+    trainer.load_modules_state(saved)
+    trainer.swa_sum, trainer.swa_count = swa_sum, swa_count
+    trainer.set_phase((False, False))
+    trainer.reset_stream_state()
+    return count
 
 
-# =============================================================================
-# CHECKPOINTS: resumable state, written atomically by rank 0
-# =============================================================================
+# ---- checkpoints: resumable state, written atomically by rank 0 ----
 # A checkpoint holds everything a bit-exact continuation needs: weights, head, target encoder,
 # final-weights EMA, every optimizer state (Muon's momentum is sharded across ranks and gathered
 # here), the step, the training time so far, the data position, the random generators, the
@@ -3044,10 +3545,8 @@ def save_checkpoint(trainer: Trainer, step: int, train_ms: float, extra: dict[st
             "agreed_elapsed_ms": trainer.agreed_elapsed_ms, "skipped_steps": trainer.skipped_steps,
             "jepa_base_weight": trainer.schedule.base_jepa_weight, **extra,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
+        with atomic_output(path) as handle:
+            torch.save(checkpoint, handle)
         for older in path.parent.glob("step_*.pt"):
             if older != path:
                 older.unlink()
@@ -3112,372 +3611,7 @@ def load_checkpoint(path: Path, trainer: Trainer) -> dict[str, Any]:
     return checkpoint
 
 
-# =============================================================================
-# GPTQ CALIBRATION AND SCORE-FIRST TEST-TIME TRAINING
-# =============================================================================
-# Calibration reads training data only (the trainer's own loader, after its last step): the
-# rules allow training data inside the 600 s, never validation data. Its time counts as training
-# time, as the records count it; GPTQ_RESERVE_SECONDS stops the loop early enough for it.
-#
-# Test-time training is the records' legal score-first TTT (#549): the validation windows are
-# grouped into chunks of about TTT_CHUNK_TOKENS scored tokens, in order; each chunk is scored
-# under inference mode, and only then trained on (TTT_EPOCHS full-batch SGD steps over sequences
-# whose every target was already scored). No token is ever scored by a model that has seen it.
-
-
-def collect_hessians(model: nn.Module, batches: Iterable[Tensor], runtime: "Runtime") -> dict[str, Tensor]:
-    """E[x x^T] of the inputs of every linear layer of `model` (every pass of a looped block) over
-    the given input batches and all ranks, keyed by the weight's state-dict name."""
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, Tensor] = {}
-    handles = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        name = f"{module_name}.weight"
-        sums[name] = torch.zeros(module.in_features, module.in_features, device=runtime.device)
-        counts[name] = torch.zeros((), device=runtime.device)
-
-        def accumulate(_module: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].size(-1)).float()
-            sums[name].addmm_(x.T, x)
-            counts[name] += x.size(0)
-        handles.append(module.register_forward_pre_hook(accumulate))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), runtime.autocast():
-            for inputs in batches:
-                model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if runtime.distributed:
-        for name in sums:
-            dist.all_reduce(sums[name])
-            dist.all_reduce(counts[name])
-    return {name: (sums[name] / counts[name].clamp_min(1.0)).cpu() for name in sums}
-
-
-def calibrate_gptq(trainer: "Trainer") -> tuple[dict[str, Tensor], float]:
-    """Hessians of the final weights on GPTQ_CALIBRATION_BATCHES fresh training micro-batches per
-    rank (the batches training would have read next). Returns (Hessians, milliseconds)."""
-    hp, runtime = trainer.hp, trainer.runtime
-    runtime.synchronize()
-    started = time.perf_counter()
-    batches = (trainer.loader.next_batch(trainer.local_batch_tokens, hp.train_seq_len)[0]
-               for _ in range(hp.gptq_calibration_batches))
-    hessians = collect_hessians(trainer.model, batches, runtime)
-    runtime.synchronize()
-    return hessians, 1000.0 * (time.perf_counter() - started)
-
-
-def draw_sigreg_directions(hp: Hyperparameters, generator: torch.Generator, device: torch.device) -> Tensor:
-    """SIGREG_SLICES random unit directions in the latent space (columns)."""
-    directions = torch.randn(hp.d_latent, hp.sigreg_slices, generator=generator)
-    return F.normalize(directions, dim=0).to(device, non_blocking=True)
-
-
-class LoraLinear(nn.Module):
-    """TTT_PARAMS=lora: a frozen linear layer plus a trainable low-rank update up @ down. `up`
-    starts at zero, so the adapted model starts exactly as the artifact's."""
-
-    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        down = torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features)
-        self.down = nn.Parameter(down.to(base.weight.device))
-        self.up = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
-
-
-def attach_lora(model: GPT, rank: int, seed: int) -> list[nn.Parameter]:
-    """Freeze the model and wrap every matrix of its blocks in a LoraLinear (the same adapters on
-    every rank: they are drawn from SEED). Returns the adapters' parameters."""
-    model.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    adapters: list[nn.Parameter] = []
-    for block in model.blocks:
-        for parent in list(block.modules()):
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, CastedLinear):
-                    adapter = LoraLinear(child, rank, generator)
-                    setattr(parent, child_name, adapter)
-                    adapters += [adapter.down, adapter.up]
-    return adapters
-
-
-def ttt_chunks(windows: list[tuple[int, int, int]], chunk_tokens: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive evaluation windows grouped into chunks of at least chunk_tokens scored tokens
-    (the last may hold fewer). Whole windows, so TTT scores exactly the tokens evaluation scores."""
-    chunks: list[list[tuple[int, int, int]]] = [[]]
-    scored = 0
-    for window in windows:
-        if scored >= chunk_tokens:
-            chunks.append([])
-            scored = 0
-        chunks[-1].append(window)
-        scored += window[2] - window[0] - window[1]
-    return chunks
-
-
-def ttt_sequence_ends(chunk: list[tuple[int, int, int]], seq_len: int) -> list[int]:
-    """Last target positions of the training sequences of a scored chunk: sequences of seq_len
-    targets ending at the chunk's last scored target and every seq_len before it, so they cover
-    the chunk's targets and read nothing after them (a sequence near the start may reach back
-    into earlier, already scored chunks)."""
-    first_target = chunk[0][0] + chunk[0][1] + 1
-    last_target = chunk[-1][2]
-    return sorted({max(end, seq_len) for end in range(last_target, first_target - 1, -seq_len)})
-
-
-class ScoreFirstTrainer:
-    """A fresh copy of the artifact's model (and JEPA head for TTT_OBJECTIVE=ce+jepa), its SGD or
-    Adam optimizer over TTT_PARAMS, and the two halves of a chunk: score it, then train on it."""
-
-    def __init__(self, hp: Hyperparameters, runtime: "Runtime", state_dict: dict[str, Tensor],
-                 head_state_dict: dict[str, Tensor]):
-        self.hp, self.runtime = hp, runtime
-        self.model = build_eval_model(hp, runtime, state_dict, compiled=False)
-        self.head: JepaHead | None = None
-        if hp.ttt_objective == "ce+jepa":
-            if not head_state_dict:
-                raise ConfigError("TTT_OBJECTIVE=ce+jepa needs the JEPA head in the artifact: train the run with "
-                                  "TTT_OBJECTIVE=ce+jepa (it exports the head), or use TTT_OBJECTIVE=ce")
-            if hp.jepa_mode not in ("next", "chunk"):
-                raise ConfigError(f"TTT_OBJECTIVE=ce+jepa supports JEPA_MODE next and chunk, not {hp.jepa_mode}")
-            self.head = JepaHead(hp).to(runtime.device)
-            self.head.load_state_dict({name: t.to(runtime.device) for name, t in head_state_dict.items()}, strict=True)
-        if hp.ttt_params == "lora":
-            self.parameters = attach_lora(self.model, hp.ttt_lora_rank, hp.seed)
-        else:
-            self.parameters = [p for p in self.model.parameters()]
-        if self.head is not None:
-            self.parameters += list(self.head.parameters())
-        if hp.ttt_optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.parameters, lr=hp.ttt_lr,
-                                                                     betas=(hp.ttt_momentum, 0.99))
-        else:
-            self.optimizer = torch.optim.SGD(self.parameters, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        compile_module = (lambda module: torch.compile(module, dynamic=False, fullgraph=True)) if runtime.compile else (
-            lambda module: module)
-        self.compiled_model = compile_module(self.model)
-        self.compiled_head = compile_module(self.head) if self.head is not None else None
-        self.sigreg_generator = torch.Generator().manual_seed(hp.seed * 1000 + 999)
-        self.offsets = torch.arange(hp.train_seq_len + 1, device=runtime.device)
-
-    def score(self, device_tokens: Tensor, chunk: list[tuple[int, int, int]], batch_windows: int,
-              luts: tuple[Tensor, Tensor, Tensor], token_losses_out: list[Tensor] | None = None) -> ScoreSums:
-        return score_windows(self.compiled_model, device_tokens, chunk[self.runtime.rank::self.runtime.world_size],
-                             self.hp.train_seq_len, batch_windows, luts, self.runtime, token_losses_out)
-
-    def _loss(self, inputs: Tensor, targets: Tensor, total_targets: int) -> Tensor:
-        """This micro-batch's share of the chunk's mean loss (summed over ranks and micro-batches)."""
-        hp = self.hp
-        if self.head is None:
-            token_losses, _ = self.compiled_model(inputs, targets, reduction="none")
-            return token_losses.float().sum() / total_targets
-        token_losses, features = self.compiled_model(inputs, targets, feature_layer=hp.jepa_layer_index,
-                                                     reduction="none")
-        directions = (draw_sigreg_directions(hp, self.sigreg_generator, self.runtime.device)
-                      if hp.anti_collapse == "sigreg" else None)
-        # The target is the online model's own features under stop-gradient (the EMA target
-        # encoder of training is not exported).
-        prediction_loss, regulariser_loss = self.compiled_head(features, features.detach(), None, directions)
-        jepa_sum = hp.jepa_weight * (prediction_loss + regulariser_loss) * targets.numel()
-        return (token_losses.float().sum() + jepa_sum) / total_targets
-
-    def train_on(self, device_tokens: Tensor, chunk: list[tuple[int, int, int]], lr: float,
-                 batch_sequences: int) -> None:
-        """TTT_EPOCHS optimizer steps on the already scored chunk, each over all of its sequences (shared
-        between the ranks, gradients summed)."""
-        hp, runtime = self.hp, self.runtime
-        ends = ttt_sequence_ends(chunk, hp.train_seq_len)
-        mine = ends[runtime.rank::runtime.world_size]
-        total_targets = len(ends) * hp.train_seq_len
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        for _ in range(hp.ttt_epochs):
-            self.optimizer.zero_grad(set_to_none=False)
-            for first in range(0, len(mine), batch_sequences):
-                starts = torch.tensor(mine[first:first + batch_sequences], device=runtime.device) - hp.train_seq_len
-                rows = device_tokens[starts[:, None] + self.offsets]
-                with runtime.autocast():
-                    loss = self._loss(rows[:, :-1], rows[:, 1:], total_targets)
-                loss.backward()
-            if runtime.distributed:
-                for param in self.parameters:
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                    dist.all_reduce(param.grad)
-            if hp.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.parameters, hp.ttt_grad_clip)
-            self.optimizer.step()
-        self.model.eval()
-
-
-def run_test_time_training(hp: Hyperparameters, runtime: "Runtime", state_dict: dict[str, Tensor],
-                    head_state_dict: dict[str, Tensor], val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
-                    chunk_token_losses: list[Tensor] | None = None) -> dict[str, float]:
-    """Score-first TTT over the whole validation split, windows as the final evaluation lays them
-    out (EVAL_STRIDE). Returns val_loss, val_bpb, the chunk count and the scoring and training
-    milliseconds. chunk_token_losses (tests): receives the loss of every token scored, per chunk."""
-    started = time.perf_counter()
-    ttt = ScoreFirstTrainer(hp, runtime, state_dict, head_state_dict)
-    seq_len = hp.train_seq_len
-    chunks = ttt_chunks(evaluation_windows(val_tokens.numel() - 1, seq_len, hp.eval_stride), hp.ttt_chunk_tokens)
-    batch_windows = max(1, hp.val_batch_size // (seq_len * runtime.world_size))
-    device_tokens = val_tokens.to(runtime.device, torch.int64)
-    totals = ScoreSums(*(torch.zeros((), device=runtime.device, dtype=torch.float64) for _ in range(3)))
-    score_ms = train_ms = 0.0
-    for index, chunk in enumerate(chunks):
-        runtime.synchronize()
-        scoring_started = time.perf_counter()
-        scored_losses: list[Tensor] | None = [] if chunk_token_losses is not None else None
-        for total, part in zip(totals, ttt.score(device_tokens, chunk, batch_windows, luts, scored_losses)):
-            total.add_(part)
-        if chunk_token_losses is not None:
-            chunk_token_losses.append(torch.cat(scored_losses))
-        runtime.synchronize()
-        score_ms += 1000.0 * (time.perf_counter() - scoring_started)
-        if index == len(chunks) - 1 or hp.ttt_epochs == 0 or hp.ttt_lr == 0:
-            continue  # nothing is scored after the last chunk: training on it would change nothing
-        training_started = time.perf_counter()
-        lr = hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
-        ttt.train_on(device_tokens, chunk, lr, batch_windows)
-        runtime.synchronize()
-        train_ms += 1000.0 * (time.perf_counter() - training_started)
-    val_loss, val_bpb = bpb_from_sums(totals, runtime)
-    return {"val_loss": val_loss, "val_bpb": val_bpb, "chunks": len(chunks), "score_ms": score_ms,
-            "train_ms": train_ms, "total_ms": 1000.0 * (time.perf_counter() - started),
-            "parameters": sum(p.numel() for p in ttt.parameters)}
-
-
-# =============================================================================
-# MAIN
-# =============================================================================
-
-
-def format_train_line(step: int, hp: Hyperparameters, metrics: dict[str, float], schedule: dict[str, float],
-                      train_ms: float, eta_seconds: float) -> str:
-    parts = [f"step:{step}/{hp.iterations}", f"train_loss:{metrics['train_loss']:.4f}"]
-    if "jepa_loss" in metrics:
-        parts += [f"jepa_loss:{metrics['jepa_loss']:.4f}", f"reg_loss:{metrics['reg_loss']:.4f}"]
-    if "tgt_rank" in metrics:
-        parts += [f"reg_other:{metrics['reg_other']:.4f}",
-                  f"pred_std:{metrics['pred_std_mean']:.3f}/{metrics['pred_std_min']:.3f}",
-                  f"tgt_std:{metrics['tgt_std_mean']:.3f}/{metrics['tgt_std_min']:.3f}",
-                  f"tgt_rank:{metrics['tgt_rank']:.1f}"]
-    if "nextlat_kl" in metrics:  # nextlat's two terms, unweighted
-        parts += [f"nextlat_smooth_l1:{metrics['nextlat_smooth_l1']:.4f}", f"nextlat_kl:{metrics['nextlat_kl']:.4f}"]
-    if "stp_cos" in metrics:
-        parts += [f"stp_cos:{metrics['stp_cos']:.4f}", f"stp_valid:{metrics['stp_valid']:.3f}"]
-    if "jepa_grad_share" in metrics:  # the pull: Muon's cosine sits near 1, so it needs the digits
-        parts += [f"jepa_grad_share:{metrics['jepa_grad_share']:.4f}", f"jepa_update_cos:{metrics['jepa_update_cos']:.6f}"]
-    if hp.jepa_enabled:
-        parts.append(f"jepa_w:{schedule['jepa_weight']:.4f}")
-        if "jepa_base_weight" in metrics:  # JEPA_GRAD_SHARE's controller: the weight ramp and anneal multiply
-            parts.append(f"jepa_base_w:{metrics['jepa_base_weight']:.4g}")
-        if hp.jepa_only_fraction > 0:
-            parts.append(f"ce_w:{schedule['ce_weight']:.0f}")
-    parts += [f"lr_mul:{schedule['lr_multiplier']:.3f}", f"train_time:{train_ms:.0f}ms",
-              f"step_avg:{train_ms / max(step, 1):.2f}ms", f"eta:{format_duration(eta_seconds)}"]
-    return " ".join(parts)
-
-
-def build_eval_model(hp: Hyperparameters, runtime: Runtime, state_dict: dict[str, Tensor],
-                     compiled: bool = True) -> nn.Module:
-    """A fresh backbone (no JEPA part) holding the given weights, in training's dtypes and final
-    phase (looping on when configured: training always ends past LOOP_START_FRACTION), compiled
-    like training's unless compiled=False."""
-    model = GPT(hp).to(runtime.device)
-    apply_model_dtype(model, runtime.model_dtype)
-    model.looping = Schedule(hp, jepa_active=False).phase_at(1.0)[1]
-    model.load_state_dict({name: tensor.to(runtime.device) for name, tensor in state_dict.items()}, strict=True)
-    return torch.compile(model, dynamic=False, fullgraph=True) if runtime.compile and compiled else model
-
-
-def evaluate_artifact(hp: Hyperparameters, runtime: Runtime, artifact_path: Path, val_tokens: Tensor,
-                      luts: tuple[Tensor, Tensor, Tensor], log: RunLogger, blob: bytes) -> dict[str, Any]:
-    """Roundtrip: rebuild the model from the artifact alone (its bytes, on every rank), evaluate,
-    log the result lines; then, with TTT=1, score-first test-time training from the same artifact."""
-    artifact = read_artifact(artifact_path, blob)
-    model = build_eval_model(hp, runtime, artifact["state_dict"])
-    # The line names the export that ran (final_int6_brotli_roundtrip_exact): the challenge's
-    # parsers read final_*_roundtrip_exact, whatever the quantiser and compressor.
-    label = artifact_label(artifact["hyperparameters"].get("matrix_bits", 6), artifact["compressor"])
-    line_name = "final_" + label.replace("+", "_") + "_roundtrip"
-    started = time.perf_counter()
-    val_loss, val_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts, runtime)
-    log(f"{line_name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-        f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
-    log(f"{line_name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    result: dict[str, Any] = {"roundtrip_val_loss": val_loss, "roundtrip_val_bpb": val_bpb,
-                              "sliding_val_loss": None, "sliding_val_bpb": None, "export_label": label,
-                              "roundtrip_line": f"{line_name}_exact"}
-    if hp.eval_stride > 0:
-        started = time.perf_counter()
-        sliding_loss, sliding_bpb = evaluate_bpb(model, val_tokens, hp.train_seq_len, hp.val_batch_size, luts,
-                                                 runtime, stride=hp.eval_stride)
-        log(f"final_sliding val_loss:{sliding_loss:.8f} val_bpb:{sliding_bpb:.8f} stride:{hp.eval_stride} "
-            f"eval_time:{1000 * (time.perf_counter() - started):.0f}ms")
-        result.update(sliding_val_loss=sliding_loss, sliding_val_bpb=sliding_bpb)
-    if hp.ttt:
-        del model  # TTT builds its own copy of the weights, which it trains
-        ttt = run_test_time_training(hp, runtime, artifact["state_dict"], artifact["head_state_dict"], val_tokens, luts)
-        baseline_name, baseline = (("final_sliding", result["sliding_val_bpb"]) if hp.eval_stride > 0
-                                   else ("roundtrip", val_bpb))
-        log(f"ttt: {ttt['chunks']} chunks of ~{hp.ttt_chunk_tokens} tokens, epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
-            f"{hp.ttt_optimizer} momentum:{hp.ttt_momentum} params:{hp.ttt_params} ({ttt['parameters']} trained) "
-            f"objective:{hp.ttt_objective} scoring:{ttt['score_ms']:.0f}ms training:{ttt['train_ms']:.0f}ms")
-        log(f"final_ttt val_loss:{ttt['val_loss']:.4f} val_bpb:{ttt['val_bpb']:.4f} eval_time:{ttt['total_ms']:.0f}ms")
-        log(f"final_ttt_exact val_loss:{ttt['val_loss']:.8f} val_bpb:{ttt['val_bpb']:.8f}")
-        log(f"ttt_gain val_bpb:{ttt['val_bpb'] - baseline:+.5f} (against {baseline_name}, the same windows)")
-        result.update(ttt_val_loss=ttt["val_loss"], ttt_val_bpb=ttt["val_bpb"], ttt_eval_time_ms=round(ttt["total_ms"], 1),
-                      ttt_train_time_ms=round(ttt["train_ms"], 1), ttt_objective=hp.ttt_objective,
-                      ttt_params=hp.ttt_params)
-    return result
-
-
-def run_eval_only(hp: Hyperparameters, runtime: Runtime) -> None:
-    """EVAL_ONLY=1: the artifact and this file are all that is needed. Shape settings come from
-    the artifact; evaluation settings and paths from the environment when set, else the run's."""
-    artifact_path = Path(hp.artifact_path)
-    blob = shared_artifact_bytes(artifact_path, runtime)
-    stored = read_artifact(artifact_path, blob)["hyperparameters"]
-    overrides = {}
-    for name, value in stored.items():
-        if name.upper() in os.environ and name in MODEL_SHAPE_FIELDS and getattr(hp, name) != value:
-            raise ConfigError(f"{name.upper()}={getattr(hp, name)} contradicts the artifact's {name}={value}: "
-                              f"unset it (the artifact fixes the model's shape)")
-        if name.upper() not in os.environ and name in {f.name for f in dataclasses.fields(Hyperparameters)}:
-            overrides[name] = value
-    hp = dataclasses.replace(hp, **overrides, eval_only=True)
-    # The compute dtype, compilation and tables' dtype of the run that wrote the artifact (its
-    # COMPUTE_DTYPE and COMPILE as resolved on its device), unless the environment sets them.
-    autocast_dtype, use_compile = resolve_compute(hp, runtime.device)
-    runtime = dataclasses.replace(runtime, autocast_dtype=autocast_dtype, compile=use_compile,
-                                  model_dtype=resolve_model_dtype(hp, autocast_dtype))
-    log = RunLogger(Path(hp.log_dir) / f"{hp.run_id or 'eval'}_eval.txt") if runtime.master else RunLogger(None)
-    luts = build_bpb_luts(load_tokenizer(hp), hp.vocab_size, runtime.device)
-    val_tokens = load_validation_tokens(find_shards(hp.data_path, "val"), hp.train_seq_len, hp.vocab_size,
-                                        hp.val_max_tokens)
-    _, code_bytes = running_code()
-    artifact_bytes = len(blob)
-    log(f"eval_only artifact:{artifact_path} bytes:{artifact_bytes} val_tokens:{val_tokens.numel() - 1} "
-        f"autocast:{runtime.autocast_dtype} compile:{runtime.compile} model_dtype:{runtime.model_dtype}")
-    log(f"Code size: {code_bytes} bytes")
-    log(f"Total submission size {artifact_label(hp.matrix_bits, read_artifact(artifact_path, blob)['compressor'])}: "
-        f"{artifact_bytes + code_bytes} bytes")
-    evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log, blob)
-
-
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    write_atomically(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+# ---- the run: set-up, the loop, and the stages after it ----
 
 
 class TrainingClock:
@@ -3502,27 +3636,6 @@ class TrainingClock:
     def elapsed_ms(self) -> float:
         running = 1000.0 * (time.perf_counter() - self.started) if self.started is not None else 0.0
         return self.accumulated_ms + running
-
-
-def prime_and_undo(trainer: Trainer) -> int:
-    """WARMUP_STEPS: prime compilation and the allocator on the real step function, then undo every
-    effect (weights, optimizer states, averages, data position, generators). The steps cycle
-    through every path a run takes, at least once each, whatever its schedule says at those steps:
-    a JEPA run's JEPA and zero-weight steps, each in every (late QAT, looping) phase the run
-    reaches. Nothing compiles once the training clock runs. Returns the count."""
-    weights: list[float | None] = [None] if trainer.head is None else [trainer.hp.jepa_weight, 0.0]
-    paths = [(weight, phase) for phase in trainer.schedule.reachable_phases() for weight in weights]
-    count = max(trainer.hp.warmup_steps, len(paths))
-    saved = copy.deepcopy(trainer.modules_state())
-    swa_sum, swa_count = trainer.swa_sum, trainer.swa_count
-    for warmup_step in range(count):
-        weight, phase = paths[warmup_step % len(paths)]
-        trainer.step(warmup_step, lambda: 0.0, jepa_weight=weight, phase=phase)
-    trainer.load_modules_state(saved)
-    trainer.swa_sum, trainer.swa_count = swa_sum, swa_count
-    trainer.set_phase((False, False))
-    trainer.reset_stream_state()
-    return count
 
 
 def jepa_settings_line(hp: Hyperparameters) -> str:
@@ -3576,6 +3689,299 @@ def describe_run(trainer: Trainer, log: RunLogger) -> None:
             f"wall-clock cap stops it first)")
 
 
+def format_train_line(step: int, hp: Hyperparameters, metrics: dict[str, float], outcome: StepOutcome,
+                      train_ms: float, eta_seconds: float) -> str:
+    parts = [f"step:{step}/{hp.iterations}", f"train_loss:{metrics['train_loss']:.4f}"]
+    if "jepa_loss" in metrics:
+        parts += [f"jepa_loss:{metrics['jepa_loss']:.4f}", f"reg_loss:{metrics['reg_loss']:.4f}"]
+    if "tgt_rank" in metrics:
+        parts += [f"reg_other:{metrics['reg_other']:.4f}",
+                  f"pred_std:{metrics['pred_std_mean']:.3f}/{metrics['pred_std_min']:.3f}",
+                  f"tgt_std:{metrics['tgt_std_mean']:.3f}/{metrics['tgt_std_min']:.3f}",
+                  f"tgt_rank:{metrics['tgt_rank']:.1f}"]
+    if "nextlat_kl" in metrics:  # nextlat's two terms, unweighted
+        parts += [f"nextlat_smooth_l1:{metrics['nextlat_smooth_l1']:.4f}", f"nextlat_kl:{metrics['nextlat_kl']:.4f}"]
+    if "stp_cos" in metrics:
+        parts += [f"stp_cos:{metrics['stp_cos']:.4f}", f"stp_valid:{metrics['stp_valid']:.3f}"]
+    if "jepa_grad_share" in metrics:  # the pull: Muon's cosine sits near 1, so it needs the digits
+        parts += [f"jepa_grad_share:{metrics['jepa_grad_share']:.4f}", f"jepa_update_cos:{metrics['jepa_update_cos']:.6f}"]
+    if hp.jepa_enabled:
+        parts.append(f"jepa_w:{outcome.jepa_weight:.4f}")
+        if "jepa_base_weight" in metrics:  # JEPA_GRAD_SHARE's controller: the weight ramp and anneal multiply
+            parts.append(f"jepa_base_w:{metrics['jepa_base_weight']:.4g}")
+        if hp.jepa_only_fraction > 0:
+            parts.append(f"ce_w:{outcome.ce_weight:.0f}")
+    parts += [f"lr_mul:{outcome.lr_multiplier:.3f}", f"train_time:{train_ms:.0f}ms",
+              f"step_avg:{train_ms / max(step, 1):.2f}ms", f"eta:{format_duration(eta_seconds)}"]
+    return " ".join(parts)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    write_atomically(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+@dataclass
+class TrainingRun:
+    """What the stages of a training run share, from set-up to summary: the settings (with the
+    run's id), the logger, the validation data, the trainer, the summary that <RUN_ID>.json
+    receives, and where the loop stands."""
+
+    hp: Hyperparameters
+    runtime: Runtime
+    log: RunLogger
+    code_bytes: int  # the bytes of the file that ran: the artifact's budget counts them
+    luts: tuple[Tensor, Tensor, Tensor]
+    val_tokens: Tensor
+    trainer: Trainer
+    summary: dict[str, Any]
+    summary_path: Path
+    step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
+    clock_offset_ms: float = 0.0  # training time before this process: a resumed run's
+    eval_ms_total: float = 0.0  # validation time so far, kept out of the training clock
+    last_checkpoint: Path | None = None
+    train_ms: float = 0.0  # the training clock when the loop ended
+    stage_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # the stages after the loop, timed
+
+    def finish_summary(self, status: str, **fields: Any) -> None:
+        """Close the summary with its status (completed, interrupted, nonfinite_loss, ...); rank 0
+        writes it."""
+        self.summary.update(status=status, finished_at=datetime.datetime.now().isoformat(timespec="seconds"),
+                            **fields)
+        if self.runtime.master:
+            write_summary(self.summary_path, self.summary)
+
+    def save_checkpoint(self, train_ms: float) -> Path:
+        """A checkpoint of the current step (collective: every rank calls it), with the summary's
+        histories and the validation time, which a resumed run continues."""
+        extra = {"val_history": self.summary["val_history"], "train_history": self.summary["train_history"],
+                 "eval_ms": self.eval_ms_total}
+        self.last_checkpoint = save_checkpoint(self.trainer, self.step, train_ms, extra, self.log)
+        return self.last_checkpoint
+
+
+def agree_on_run_id(hp: Hyperparameters, runtime: Runtime) -> str:
+    """RUN_ID, or the date, time and a random suffix; every rank takes rank 0's, since the id
+    names the logs and the checkpoints."""
+    run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
+    if runtime.distributed:
+        shared = [run_id]
+        dist.broadcast_object_list(shared, src=0)
+        run_id = shared[0]
+    return run_id
+
+
+def open_run_log(hp: Hyperparameters, runtime: Runtime, code: str) -> RunLogger:
+    """<LOG_DIR>/<RUN_ID>.txt on rank 0. Like parameter-golf's logs it opens with the trainer's
+    source and the resolved configuration (in the file only), so a log alone says what ran."""
+    log_path = Path(hp.log_dir) / f"{hp.run_id}.txt"
+    log = RunLogger(log_path if runtime.master else None)
+    log(code, console=False)
+    log("=" * 100, console=False)
+    log(f"Running Python {sys.version.split()[0]}, PyTorch {torch.__version__}, device {device_name(runtime)}",
+        console=False)
+    log("resolved configuration:", console=False)
+    for name, value in dataclasses.asdict(hp).items():
+        log(f"  {name.upper()}={value}", console=False)
+    log("=" * 100, console=False)
+    log(f"run_id:{hp.run_id} log:{log_path}")
+    return log
+
+
+def load_run_data(hp: Hyperparameters, runtime: Runtime,
+                  log: RunLogger) -> tuple[tuple[Tensor, Tensor, Tensor], list[Path], Tensor]:
+    """val_bpb's byte tables, the training shards and the validation tokens."""
+    luts = build_bpb_luts(load_tokenizer(hp), hp.vocab_size, runtime.device)
+    train_files, val_files = find_shards(hp.data_path, "train"), find_shards(hp.data_path, "val")
+    for path in train_files:  # headers and sizes now: a bad shard must not surface hours into the run
+        check_shard_header(path)
+    val_tokens = load_validation_tokens(val_files, hp.train_seq_len, hp.vocab_size, hp.val_max_tokens)
+    log(f"data:{Path(hp.data_path).resolve().name} train_shards:{len(train_files)} "
+        f"val_tokens:{val_tokens.numel() - 1} tokenizer:{hp.tokenizer_path}")
+    return luts, train_files, val_tokens
+
+
+def new_summary(hp: Hyperparameters, runtime: Runtime, code: str, code_bytes: int) -> dict[str, Any]:
+    """The summary as a run starts it: the configuration, where and with what it runs, the
+    sha256 of its code; the stages fill in the rest."""
+    return {
+        "run_id": hp.run_id, "status": "running", "config": dataclasses.asdict(hp),
+        "device": device_name(runtime), "world_size": runtime.world_size, "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0], "code_sha256": hashlib.sha256(code.encode("utf-8")).hexdigest(),
+        "code_bytes": code_bytes, "git_commit": git_commit(), "dataset": Path(hp.data_path).resolve().name,
+        "tokenizer": hp.tokenizer_path, "seed": hp.seed,
+        "started_at": datetime.datetime.now().isoformat(timespec="seconds"), "val_history": [], "train_history": [],
+    }
+
+
+def resume_from_checkpoint(run: TrainingRun) -> None:
+    """RESUME: the trainer, the step, the clocks and the summary's histories as the checkpoint
+    left them."""
+    resume_path = find_resume_checkpoint(run.hp, run.log)
+    run.last_checkpoint = resume_path
+    if resume_path is None:
+        return
+    checkpoint = load_checkpoint(resume_path, run.trainer)
+    run.step, run.clock_offset_ms, run.eval_ms_total = checkpoint["step"], checkpoint["train_ms"], checkpoint["eval_ms"]
+    run.summary.update(val_history=checkpoint["val_history"], train_history=checkpoint["train_history"],
+                       resumed_from=str(resume_path))
+    run.log(f"resume: {resume_path} at step {run.step}, train_time {run.clock_offset_ms:.0f}ms")
+
+
+def start_run(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> TrainingRun:
+    """Everything before the first step: the run's id and log, the data, the model (built,
+    described, its compilation primed), the summary, and a checkpoint's state when RESUME asks."""
+    code, code_bytes = running_code()
+    hp = dataclasses.replace(hp, run_id=agree_on_run_id(hp, runtime))
+    log = open_run_log(hp, runtime, code)
+    luts, train_files, val_tokens = load_run_data(hp, runtime, log)
+    trainer = Trainer(hp, runtime, grad_accum_steps, train_files, log)
+    describe_run(trainer, log)
+    if hp.warmup_steps > 0:
+        primed = prime_and_undo(trainer)
+        log(f"warmup: {primed} compile-priming steps ({'JEPA and vanilla paths' if trainer.head else 'vanilla path'}) "
+            f"done and undone")
+    run = TrainingRun(hp, runtime, log, code_bytes, luts, val_tokens, trainer,
+                      summary=new_summary(hp, runtime, code, code_bytes),
+                      summary_path=Path(hp.log_dir) / f"{hp.run_id}.json")
+    resume_from_checkpoint(run)
+    return run
+
+
+def run_training_loop(run: TrainingRun) -> None:
+    """parameter-golf's loop: validate every VAL_LOSS_EVERY steps and after the last, step, log
+    every TRAIN_LOG_EVERY steps, checkpoint every CHECKPOINT_EVERY steps, until ITERATIONS or
+    the wall-clock cap (MAX_WALLCLOCK_SECONDS less any GPTQ reserve). After SIGTERM or SIGINT the
+    step under way is the last: a checkpoint, then RunInterrupted. Leaves run.train_ms and the
+    summary's training figures."""
+    hp, trainer = run.hp, run.trainer
+
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True  # acted on at the next step, identically on every rank
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    max_wallclock_ms = 1000.0 * hp.training_seconds  # less the GPTQ calibration's reserve
+    clock = TrainingClock(run.runtime, run.clock_offset_ms)
+    last_ce_weight = trainer.schedule.ce_weight(run.step, trainer.agreed_elapsed_ms)
+    stop_after: int | None = None
+    clock.start()
+    try:
+        while True:
+            last_step = run.step >= hp.iterations or (stop_after is not None and run.step >= stop_after)
+            validate_if_due(run, clock, last_step)
+            if last_step:
+                if stop_after is not None and run.step < hp.iterations:
+                    run.log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms():.0f}ms "
+                            f"step:{run.step}/{hp.iterations}")
+                break
+
+            outcome = step_or_stop(run, clock)
+            run.step += 1
+            step = run.step
+            if outcome.skipped:
+                terms = " ".join(f"{name}={value:.4g}" for name, value in outcome.terms.items())
+                run.log(f"step:{step}/{hp.iterations} skipped: non-finite loss ({terms}), NAN_POLICY=skip, "
+                        f"{trainer.skipped_steps} skipped so far")
+            if outcome.ce_weight != last_ce_weight:
+                run.log(f"curriculum: step {step - 1}: CE weight {last_ce_weight:.0f} -> {outcome.ce_weight:.0f} "
+                        f"(JEPA_ONLY_FRACTION={hp.jepa_only_fraction})")
+                last_ce_weight = outcome.ce_weight
+            if max_wallclock_ms > 0 and stop_after is None and trainer.agreed_elapsed_ms >= max_wallclock_ms:
+                stop_after = step
+            if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or step == stop_after):
+                log_train_step(run, clock, outcome, max_wallclock_ms)
+            if outcome.stop:
+                stop_for_signal(run, clock)
+            if hp.checkpoint_every > 0 and step % hp.checkpoint_every == 0 and step < hp.iterations and step != stop_after:
+                run.save_checkpoint(clock.pause())
+                clock.start()
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    run.train_ms = clock.pause()
+    record_training(run)
+
+
+def validate_if_due(run: TrainingRun, clock: TrainingClock, last_step: bool) -> None:
+    """val_loss and val_bpb every VAL_LOSS_EVERY steps and after the last step, with the training
+    clock paused; once per step (a resumed run has already validated its checkpoint's step)."""
+    hp, step, history = run.hp, run.step, run.summary["val_history"]
+    due = last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0 and step > 0)
+    already_validated = bool(history) and history[-1]["step"] == step
+    if not due or already_validated:
+        return
+    train_ms = clock.pause()
+    eval_started = time.perf_counter()
+    val_loss, val_bpb = evaluate_bpb(run.trainer.compiled_model, run.val_tokens, hp.train_seq_len,
+                                     hp.val_batch_size, run.luts, run.runtime)
+    eval_ms = 1000.0 * (time.perf_counter() - eval_started)
+    run.eval_ms_total += eval_ms
+    run.log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+    history.append({"step": step, "train_time_ms": round(train_ms, 1), "val_loss": val_loss, "val_bpb": val_bpb})
+    clock.start()
+
+
+def step_or_stop(run: TrainingRun, clock: TrainingClock) -> StepOutcome:
+    """One Trainer.step. A non-finite loss under NAN_POLICY=stop ends the run: a checkpoint of the
+    weights before the step when they are still finite, the summary closed, RunFailure."""
+    try:
+        return run.trainer.step(run.step, clock.elapsed_ms)
+    except NonFiniteLoss as failure:
+        train_ms = clock.pause()
+        terms = " ".join(f"{name}={value:.4g}" for name, value in failure.terms.items())
+        if failure.weights_finite:
+            where = f"checkpoint of the weights before it: {run.save_checkpoint(train_ms)}"
+        else:
+            where = (f"the weights themselves are non-finite; last good checkpoint: "
+                     f"{run.last_checkpoint or 'none (set CHECKPOINT_EVERY)'}")
+        message = (f"non-finite loss at step {run.step + 1}: {terms}; {where}. Nothing was exported. Lower the "
+                   f"learning rates or JEPA_WEIGHT in a new run, or resume with NAN_POLICY=skip")
+        run.finish_summary("nonfinite_loss", steps=run.step, error=message, train_time_ms=round(train_ms, 1))
+        raise RunFailure(message) from None
+
+
+def log_train_step(run: TrainingRun, clock: TrainingClock, outcome: StepOutcome, max_wallclock_ms: float) -> None:
+    """A train line: the metrics since the last one, rank 0's JEPA diagnostics and pull, the time
+    left; a warning when the target latents collapse."""
+    hp, trainer, runtime, step = run.hp, run.trainer, run.runtime, run.step
+    # Logging, and the JEPA diagnostics with it, is not training: the clock is paused.
+    train_ms = clock.pause()
+    metrics = trainer.read_metrics()
+    if "jepa_loss" in metrics and runtime.master and trainer.last_jepa_batch is not None:
+        metrics.update(trainer.jepa_diagnostics())
+    metrics.update(trainer.log_step_pull(outcome))  # every rank: JEPA_GRAD_SHARE broadcasts
+    if runtime.distributed:
+        # The other ranks wait here, clock paused, rather than in the next step's
+        # collectives: rank 0's diagnostics must not reach any rank's training time.
+        dist.barrier()
+    remaining_ms = (hp.iterations - step) * (train_ms / step)
+    if max_wallclock_ms > 0:
+        remaining_ms = min(remaining_ms, max(max_wallclock_ms - train_ms, 0.0))
+    run.log(format_train_line(step, hp, metrics, outcome, train_ms, remaining_ms / 1000.0))
+    # Collapse is judged on the target side: MSE-optimal predictions are legitimately
+    # narrower than their targets, but shrinking targets make the objective trivial.
+    if "tgt_std_mean" in metrics and metrics["tgt_std_mean"] < hp.collapse_std_floor:
+        run.log(f"warning: latent collapse at step {step}: target latent std {metrics['tgt_std_mean']:.4f} "
+                f"< COLLAPSE_STD_FLOOR={hp.collapse_std_floor} (pred_std {metrics['pred_std_mean']:.4f}); "
+                f"an anti-collapse term (ANTI_COLLAPSE, VICREG_ON) or an EMA target prevents it")
+    run.summary["train_history"].append({"step": step, "train_time_ms": round(train_ms, 1), **metrics,
+                                         "jepa_weight": outcome.jepa_weight})
+    clock.start()
+
+
+def stop_for_signal(run: TrainingRun, clock: TrainingClock) -> None:
+    """SIGTERM or SIGINT reached every rank at this step: checkpoint, close the summary, raise
+    RunInterrupted (exit status 75: RESUME=auto continues the run)."""
+    train_ms = clock.pause()
+    checkpoint = run.save_checkpoint(train_ms)
+    message = (f"stopped by a signal after step {run.step}: checkpoint {checkpoint}; continue with "
+               f"RESUME=auto RUN_ID={run.hp.run_id}")
+    run.log(message)
+    run.finish_summary("interrupted", steps=run.step, checkpoint=str(checkpoint), train_time_ms=round(train_ms, 1))
+    raise RunInterrupted(message)
+
+
 def training_measurements(trainer: Trainer, train_history: list[dict[str, Any]]) -> dict[str, Any]:
     """The summary's view of the log-step measurements: the JEPA pull averaged over the log steps
     that measured it, JEPA_GRAD_SHARE's final base weight, and TRAIN_MAX_TOKENS's epochs (tokens
@@ -3592,6 +3998,18 @@ def training_measurements(trainer: Trainer, train_history: list[dict[str, Any]])
         fields.update(train_max_tokens=hp.train_max_tokens,
                       train_epochs=trainer.loader.stream.tokens_taken / hp.train_max_tokens)
     return fields
+
+
+def record_training(run: TrainingRun) -> None:
+    """The loop's figures into the summary; on CUDA the peak memory into the log as well."""
+    trainer, summary, train_ms = run.trainer, run.summary, run.train_ms
+    if run.runtime.device.type == "cuda":
+        run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
+    summary.update(steps=run.step, train_time_ms=round(train_ms, 1), step_avg_ms=train_ms / max(run.step, 1),
+                   skipped_steps=trainer.skipped_steps, eval_time_ms=round(run.eval_ms_total, 1))
+    summary.update(training_measurements(trainer, summary["train_history"]))
 
 
 def apply_final_weights(trainer: Trainer, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
@@ -3615,299 +4033,95 @@ def apply_final_weights(trainer: Trainer, val_tokens: Tensor, luts: tuple[Tensor
     return val_loss, val_bpb
 
 
-def calibrate_and_log(trainer: Trainer, train_ms: float, summary: dict[str, Any],
-                      log: RunLogger) -> dict[str, Tensor] | None:
+def score_final_weights(run: TrainingRun) -> float:
+    """The weights training ends with, scored before quantisation (the summary's val_bpb);
+    non-finite weights stop the run before anything is exported. Returns that val_bpb."""
+    started = time.perf_counter()
+    final_val_loss, final_val_bpb = apply_final_weights(run.trainer, run.val_tokens, run.luts, run.summary, run.log)
+    run.summary.update(val_loss=final_val_loss, val_bpb=final_val_bpb)
+    if not run.trainer.weights_finite():
+        message = "the final weights are non-finite: nothing was exported (a NaN model is never written)"
+        run.finish_summary("nonfinite_weights", error=message)
+        raise RunFailure(message)
+    run.stage_ms["final weights and eval"] = 1000.0 * (time.perf_counter() - started)
+    return final_val_bpb
+
+
+def calibrate_and_log(run: TrainingRun) -> dict[str, Tensor] | None:
     """QUANT=gptq: collect the Hessians on training data and log their time against the cap."""
-    hp = trainer.hp
-    if hp.quant != "gptq":
-        return None
-    hessians, calibration_ms = calibrate_gptq(trainer)
-    counted_ms = train_ms + calibration_ms
-    log(f"gptq_calibration: {hp.gptq_calibration_batches} training batches x {trainer.local_batch_tokens} tokens "
-        f"per rank, {len(hessians)} matrices, {calibration_ms:.0f}ms; training + calibration {counted_ms:.0f}ms"
-        + (f" of MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}s" if hp.max_wallclock_seconds > 0 else ""))
-    if 0 < 1000.0 * hp.max_wallclock_seconds < counted_ms:
-        log(f"warning: training + GPTQ calibration took {counted_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
-            f"{hp.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS to at least {calibration_ms / 1000 + 1:.0f} "
-            f"or lower GPTQ_CALIBRATION_BATCHES")
-    summary.update(calibration_time_ms=round(calibration_ms, 1), train_and_calibration_ms=round(counted_ms, 1))
+    hp, started = run.hp, time.perf_counter()
+    hessians = None
+    if hp.quant == "gptq":
+        hessians, calibration_ms = calibrate_gptq(run.trainer)
+        counted_ms = run.train_ms + calibration_ms
+        run.log(f"gptq_calibration: {hp.gptq_calibration_batches} training batches x {run.trainer.local_batch_tokens} "
+                f"tokens per rank, {len(hessians)} matrices, {calibration_ms:.0f}ms; training + calibration "
+                f"{counted_ms:.0f}ms"
+                + (f" of MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}s" if hp.max_wallclock_seconds > 0 else ""))
+        if 0 < 1000.0 * hp.max_wallclock_seconds < counted_ms:
+            run.log(f"warning: training + GPTQ calibration took {counted_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                    f"{hp.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS to at least "
+                    f"{calibration_ms / 1000 + 1:.0f} or lower GPTQ_CALIBRATION_BATCHES")
+        run.summary.update(calibration_time_ms=round(calibration_ms, 1), train_and_calibration_ms=round(counted_ms, 1))
+    run.stage_ms["calibration"] = 1000.0 * (time.perf_counter() - started)
     return hessians
 
 
-def save_float_weights(path: Path, model: GPT, head: nn.Module | None, hessians: dict[str, Tensor] | None,
-                       hp: Hyperparameters) -> None:
-    """FLOAT_WEIGHTS_PATH: what scripts/export_study.py re-exports with other settings."""
-    payload = {"hyperparameters": dataclasses.asdict(hp),
-               "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
-               "head_state_dict": {name: t.detach().cpu() for name, t in head.state_dict().items()} if head else {},
-               "hessians": hessians or {}}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomically(path, buffer.getvalue())
-
-
-def export_on_rank_zero(model: GPT, hp: Hyperparameters, runtime: Runtime, code_bytes: int, log: RunLogger,
-                        hessians: dict[str, Tensor] | None = None,
-                        head: nn.Module | None = None) -> ConfigError | RunFailure | None:
-    """Rank 0 quantises, compresses and writes the artifact (and FLOAT_WEIGHTS_PATH when set);
-    every rank returns the same outcome: None, or the one-line error that stops the run
-    (ConfigError for what the user can fix, RunFailure for anything else)."""
-    artifact_path = Path(hp.artifact_path)
-    export_error: ConfigError | RunFailure | None = None
-    if runtime.master:
-        try:
-            if hp.float_weights_path:
-                save_float_weights(Path(hp.float_weights_path), model, head, hessians, hp)
-                log(f"float weights: {hp.float_weights_path}")
-            started = time.perf_counter()
-            artifact = export_artifact(model, resolved_hyperparameters(hp, runtime), code_bytes, log, hessians, head)
-            write_atomically(artifact_path, artifact)
-            log(f"export: quant:{hp.quant if hessians else 'clip'} matrix_bits:{hp.matrix_bits} "
-                f"embed_bits:{hp.embed_bits} compressor:{hp.compressor} jepa_head:{int(head is not None)} "
-                f"time:{1000 * (time.perf_counter() - started):.0f}ms")
-            label = artifact_label(hp.matrix_bits, hp.compressor)
-            log(f"Serialized model {label}: {len(artifact)} bytes")
-            log(f"Code size: {code_bytes} bytes")
-            log(f"Total submission size {label}: {len(artifact) + code_bytes} bytes "
-                f"(budget {hp.artifact_budget_bytes}, headroom {hp.artifact_budget_bytes - len(artifact) - code_bytes})")
-        except ConfigError as error:
-            export_error = error
-        except OSError as error:  # caught, not raised here: the other ranks wait for this outcome
-            export_error = ConfigError(f"could not write the artifact to ARTIFACT_PATH={artifact_path}: {error}; "
-                                       f"point ARTIFACT_PATH at a writable location with free space")
-        except Exception as error:  # any other failure too: raised here, it would leave the other
-            # ranks in the broadcast below until the collective timeout (NCCL: 10 minutes)
-            log("".join(traceback.format_exception(error)).rstrip(), console=False)
-            export_error = RunFailure(f"export failed on rank 0 with {type(error).__name__}: {error} "
-                                      f"(traceback in the run's log); nothing was written to ARTIFACT_PATH")
-    if runtime.distributed:  # every rank learns whether rank 0's export worked (and waits for the file)
-        shared = [None if export_error is None else (type(export_error).__name__, str(export_error))]
-        dist.broadcast_object_list(shared, src=0)  # a (kind, message) pair: plain data pickles anywhere
-        if shared[0] is not None:
-            kind, message = shared[0]
-            export_error = ConfigError(message) if kind == "ConfigError" else RunFailure(message)
-    return export_error
-
-
-def train(hp: Hyperparameters, runtime: Runtime, grad_accum_steps: int) -> None:
-    code, code_bytes = running_code()
-    run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
-    if runtime.distributed:  # every rank must agree on the id that names logs and checkpoints
-        shared = [run_id]
-        dist.broadcast_object_list(shared, src=0)
-        run_id = shared[0]
-    hp = dataclasses.replace(hp, run_id=run_id)
-    log_path = Path(hp.log_dir) / f"{run_id}.txt"
-    log = RunLogger(log_path if runtime.master else None)
-    log(code, console=False)
-    log("=" * 100, console=False)
-    log(f"Running Python {sys.version.split()[0]}, PyTorch {torch.__version__}, device {device_name(runtime)}",
-        console=False)
-    log("resolved configuration:", console=False)
-    for name, value in dataclasses.asdict(hp).items():
-        log(f"  {name.upper()}={value}", console=False)
-    log("=" * 100, console=False)
-    log(f"run_id:{run_id} log:{log_path}")
-
-    # ---- data ----
-    luts = build_bpb_luts(load_tokenizer(hp), hp.vocab_size, runtime.device)
-    train_files, val_files = find_shards(hp.data_path, "train"), find_shards(hp.data_path, "val")
-    for path in train_files:  # headers and sizes now: a bad shard must not surface hours into the run
-        check_shard_header(path)
-    val_tokens = load_validation_tokens(val_files, hp.train_seq_len, hp.vocab_size, hp.val_max_tokens)
-    log(f"data:{Path(hp.data_path).resolve().name} train_shards:{len(train_files)} "
-        f"val_tokens:{val_tokens.numel() - 1} tokenizer:{hp.tokenizer_path}")
-
-    # ---- model ----
-    trainer = Trainer(hp, runtime, grad_accum_steps, train_files, log)
-    describe_run(trainer, log)
-    if hp.warmup_steps > 0:
-        primed = prime_and_undo(trainer)
-        log(f"warmup: {primed} compile-priming steps ({'JEPA and vanilla paths' if trainer.head else 'vanilla path'}) "
-            f"done and undone")
-
-    summary: dict[str, Any] = {
-        "run_id": run_id, "status": "running", "config": dataclasses.asdict(hp),
-        "device": device_name(runtime), "world_size": runtime.world_size, "torch_version": torch.__version__,
-        "python_version": sys.version.split()[0], "code_sha256": hashlib.sha256(code.encode("utf-8")).hexdigest(),
-        "code_bytes": code_bytes, "git_commit": git_commit(), "dataset": Path(hp.data_path).resolve().name,
-        "tokenizer": hp.tokenizer_path, "seed": hp.seed,
-        "started_at": datetime.datetime.now().isoformat(timespec="seconds"), "val_history": [], "train_history": [],
-    }
-    summary_path = Path(hp.log_dir) / f"{run_id}.json"
-
-    def finish_summary(status: str, **fields: Any) -> None:
-        summary.update(status=status, finished_at=datetime.datetime.now().isoformat(timespec="seconds"), **fields)
-        if runtime.master:
-            write_summary(summary_path, summary)
-
-    # ---- resume ----
-    step, clock_offset_ms, eval_ms_total = 0, 0.0, 0.0
-    resume_path = find_resume_checkpoint(hp, log)
-    if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path, trainer)
-        step, clock_offset_ms, eval_ms_total = checkpoint["step"], checkpoint["train_ms"], checkpoint["eval_ms"]
-        summary.update(val_history=checkpoint["val_history"], train_history=checkpoint["train_history"],
-                       resumed_from=str(resume_path))
-        log(f"resume: {resume_path} at step {step}, train_time {clock_offset_ms:.0f}ms")
-        del checkpoint
-
-    def checkpoint_extra() -> dict[str, Any]:
-        return {"val_history": summary["val_history"], "train_history": summary["train_history"],
-                "eval_ms": eval_ms_total}
-
-    def request_stop(signum: int, frame: Any) -> None:
-        trainer.stop_requested = True  # acted on at the next step, identically on every rank
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    # ---- training loop ----
-    max_wallclock_ms = 1000.0 * hp.training_seconds  # less the GPTQ calibration's reserve
-    clock = TrainingClock(runtime, clock_offset_ms)
-    last_ce_weight = trainer.schedule.ce_weight(step, trainer.agreed_elapsed_ms)
-    stop_after: int | None = None
-    last_checkpoint: Path | None = resume_path
-    clock.start()
-    try:
-        while True:
-            last_step = step >= hp.iterations or (stop_after is not None and step >= stop_after)
-            already_validated = bool(summary["val_history"]) and summary["val_history"][-1]["step"] == step
-            if (last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0 and step > 0)) and not already_validated:
-                train_ms = clock.pause()
-                eval_started = time.perf_counter()
-                val_loss, val_bpb = evaluate_bpb(trainer.compiled_model, val_tokens, hp.train_seq_len,
-                                                 hp.val_batch_size, luts, runtime)
-                eval_ms = 1000.0 * (time.perf_counter() - eval_started)
-                eval_ms_total += eval_ms
-                log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
-                summary["val_history"].append({"step": step, "train_time_ms": round(train_ms, 1),
-                                               "val_loss": val_loss, "val_bpb": val_bpb})
-                clock.start()
-            if last_step:
-                if stop_after is not None and step < hp.iterations:
-                    log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms():.0f}ms step:{step}/{hp.iterations}")
-                break
-
-            try:
-                outcome = trainer.step(step, clock.elapsed_ms)
-            except NonFiniteLoss as failure:
-                train_ms = clock.pause()
-                terms = " ".join(f"{name}={value:.4g}" for name, value in failure.terms.items())
-                if failure.weights_finite:
-                    last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)
-                    where = f"checkpoint of the weights before it: {last_checkpoint}"
-                else:
-                    where = (f"the weights themselves are non-finite; last good checkpoint: "
-                             f"{last_checkpoint or 'none (set CHECKPOINT_EVERY)'}")
-                message = (f"non-finite loss at step {step + 1}: {terms}; {where}. Nothing was exported. Lower the "
-                           f"learning rates or JEPA_WEIGHT in a new run, or resume with NAN_POLICY=skip")
-                finish_summary("nonfinite_loss", steps=step, error=message, train_time_ms=round(train_ms, 1))
-                raise RunFailure(message) from None
-            step += 1
-            if outcome["skipped"]:
-                terms = " ".join(f"{name}={value:.4g}" for name, value in outcome["terms"].items())
-                log(f"step:{step}/{hp.iterations} skipped: non-finite loss ({terms}), NAN_POLICY=skip, "
-                    f"{trainer.skipped_steps} skipped so far")
-            if outcome["ce_weight"] != last_ce_weight:
-                log(f"curriculum: step {step - 1}: CE weight {last_ce_weight:.0f} -> {outcome['ce_weight']:.0f} "
-                    f"(JEPA_ONLY_FRACTION={hp.jepa_only_fraction})")
-                last_ce_weight = outcome["ce_weight"]
-            if max_wallclock_ms > 0 and stop_after is None and trainer.agreed_elapsed_ms >= max_wallclock_ms:
-                stop_after = step
-            if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or step == stop_after):
-                # Logging, and the JEPA diagnostics with it, is not training: the clock is paused.
-                train_ms = clock.pause()
-                metrics = trainer.read_metrics()
-                if "jepa_loss" in metrics and runtime.master and trainer.last_jepa_batch is not None:
-                    metrics.update(trainer.jepa_diagnostics())
-                metrics.update(trainer.log_step_pull(outcome))  # every rank: JEPA_GRAD_SHARE broadcasts
-                if runtime.distributed:
-                    # The other ranks wait here, clock paused, rather than in the next step's
-                    # collectives: rank 0's diagnostics must not reach any rank's training time.
-                    dist.barrier()
-                remaining_ms = (hp.iterations - step) * (train_ms / step)
-                if max_wallclock_ms > 0:
-                    remaining_ms = min(remaining_ms, max(max_wallclock_ms - train_ms, 0.0))
-                log(format_train_line(step, hp, metrics, outcome, train_ms, remaining_ms / 1000.0))
-                # Collapse is judged on the target side: MSE-optimal predictions are legitimately
-                # narrower than their targets, but shrinking targets make the objective trivial.
-                if "tgt_std_mean" in metrics and metrics["tgt_std_mean"] < hp.collapse_std_floor:
-                    log(f"warning: latent collapse at step {step}: target latent std {metrics['tgt_std_mean']:.4f} "
-                        f"< COLLAPSE_STD_FLOOR={hp.collapse_std_floor} (pred_std {metrics['pred_std_mean']:.4f}); "
-                        f"an anti-collapse term (ANTI_COLLAPSE, VICREG_ON) or an EMA target prevents it")
-                summary["train_history"].append({"step": step, "train_time_ms": round(train_ms, 1), **metrics,
-                                                 "jepa_weight": outcome["jepa_weight"]})
-                clock.start()
-            if outcome["stop"]:
-                train_ms = clock.pause()
-                last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)
-                message = (f"stopped by a signal after step {step}: checkpoint {last_checkpoint}; continue with "
-                           f"RESUME=auto RUN_ID={run_id}")
-                log(message)
-                finish_summary("interrupted", steps=step, checkpoint=str(last_checkpoint), train_time_ms=round(train_ms, 1))
-                raise RunInterrupted(message)
-            if hp.checkpoint_every > 0 and step % hp.checkpoint_every == 0 and step < hp.iterations and step != stop_after:
-                train_ms = clock.pause()
-                last_checkpoint = save_checkpoint(trainer, step, train_ms, checkpoint_extra(), log)
-                clock.start()
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    train_ms = clock.pause()
-
-    if runtime.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
-    summary.update(steps=step, train_time_ms=round(train_ms, 1), step_avg_ms=train_ms / max(step, 1),
-                   skipped_steps=trainer.skipped_steps, eval_time_ms=round(eval_ms_total, 1))
-    summary.update(training_measurements(trainer, summary["train_history"]))
-
-    # ---- final weights, pre-quantisation score ----
-    final_started = time.perf_counter()
-    final_val_loss, final_val_bpb = apply_final_weights(trainer, val_tokens, luts, summary, log)
-    summary.update(val_loss=final_val_loss, val_bpb=final_val_bpb)
-    if not trainer.weights_finite():
-        message = "the final weights are non-finite: nothing was exported (a NaN model is never written)"
-        finish_summary("nonfinite_weights", error=message)
-        raise RunFailure(message)
-
-    # ---- GPTQ calibration, export and roundtrip ----
-    calibration_started = time.perf_counter()
-    hessians = calibrate_and_log(trainer, train_ms, summary, log)
-    artifact_path = Path(hp.artifact_path)
-    export_started = time.perf_counter()
-    exported_head = trainer.head if hp.ttt_objective == "ce+jepa" else None
-    export_error = export_on_rank_zero(trainer.model, hp, runtime, code_bytes, log, hessians, exported_head)
-    export_ms = 1000.0 * (time.perf_counter() - export_started)
+def export_and_share(run: TrainingRun, hessians: dict[str, Tensor] | None) -> bytes:
+    """Rank 0 writes the artifact (with the JEPA head for TTT_OBJECTIVE=ce+jepa); a failure closes
+    the summary and stops the run on every rank; otherwise every rank gets the artifact's bytes."""
+    hp, started = run.hp, time.perf_counter()
+    exported_head = run.trainer.head if hp.ttt_objective == "ce+jepa" else None
+    export_error = export_on_rank_zero(run.trainer.model, hp, run.runtime, run.code_bytes, run.log, hessians,
+                                       exported_head)
+    run.stage_ms["export"] = 1000.0 * (time.perf_counter() - started)
     if export_error is not None:
-        finish_summary("export_failed", error=str(export_error))
+        run.finish_summary("export_failed", error=str(export_error))
         raise export_error
-    blob = shared_artifact_bytes(artifact_path, runtime)
-    artifact_bytes = len(blob)
-    roundtrip_started = time.perf_counter()
-    result = evaluate_artifact(hp, runtime, artifact_path, val_tokens, luts, log, blob)
-    roundtrip_ms = 1000.0 * (time.perf_counter() - roundtrip_started)
-    log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f}")
-    log(f"timing: train {train_ms / 1000:.1f}s, validation {eval_ms_total / 1000:.1f}s, "
-        f"final weights and eval {(calibration_started - final_started):.1f}s, "
-        f"calibration {(export_started - calibration_started):.1f}s, export {export_ms / 1000:.1f}s, "
-        f"roundtrip eval{' and TTT' if hp.ttt else ''} {roundtrip_ms / 1000:.1f}s")
-    summary.update(result, artifact_path=str(artifact_path), artifact_bytes=artifact_bytes,
-                   total_bytes=artifact_bytes + code_bytes, artifact_budget_bytes=hp.artifact_budget_bytes,
-                   export_time_ms=round(export_ms, 1), roundtrip_eval_time_ms=round(roundtrip_ms, 1))
-    finish_summary("completed")
-    log(f"summary:{summary_path}")
+    return shared_artifact_bytes(Path(hp.artifact_path), run.runtime)
+
+
+def evaluate_roundtrip(run: TrainingRun, blob: bytes, final_val_bpb: float) -> dict[str, Any]:
+    """The model rebuilt from the artifact's bytes alone, evaluated (and with TTT=1 trained score-
+    first); logs what quantisation cost against the final weights' score."""
+    started = time.perf_counter()
+    result = evaluate_artifact(run.hp, run.runtime, Path(run.hp.artifact_path), run.val_tokens, run.luts, run.log,
+                               blob)
+    run.stage_ms["roundtrip"] = 1000.0 * (time.perf_counter() - started)
+    run.log(f"roundtrip_gap val_bpb:{result['roundtrip_val_bpb'] - final_val_bpb:+.5f}")
+    return result
+
+
+def finish_run(run: TrainingRun, result: dict[str, Any], final_val_bpb: float, artifact_bytes: int) -> None:
+    """The timing line, the completed summary and the final line. No rank leaves while rank 0
+    still writes."""
+    hp, stage_ms, train_ms, code_bytes = run.hp, run.stage_ms, run.train_ms, run.code_bytes
+    run.log(f"timing: train {train_ms / 1000:.1f}s, validation {run.eval_ms_total / 1000:.1f}s, "
+            f"final weights and eval {stage_ms['final weights and eval'] / 1000:.1f}s, "
+            f"calibration {stage_ms['calibration'] / 1000:.1f}s, export {stage_ms['export'] / 1000:.1f}s, "
+            f"roundtrip eval{' and TTT' if hp.ttt else ''} {stage_ms['roundtrip'] / 1000:.1f}s")
+    run.summary.update(result, artifact_path=str(Path(hp.artifact_path)), artifact_bytes=artifact_bytes,
+                       total_bytes=artifact_bytes + code_bytes, artifact_budget_bytes=hp.artifact_budget_bytes,
+                       export_time_ms=round(stage_ms["export"], 1), roundtrip_eval_time_ms=round(stage_ms["roundtrip"], 1))
+    run.finish_summary("completed")
+    run.log(f"summary:{run.summary_path}")
     ttt_part = f", score-first TTT {result['ttt_val_bpb']:.4f}" if hp.ttt else ""
-    log(f"final: val_bpb {final_val_bpb:.4f} ({result['export_label']} roundtrip {result['roundtrip_val_bpb']:.4f}{ttt_part}) after "
-        f"{step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} bytes "
-        f"(artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
-    if runtime.distributed:
+    run.log(f"final: val_bpb {final_val_bpb:.4f} ({result['export_label']} roundtrip {result['roundtrip_val_bpb']:.4f}"
+            f"{ttt_part}) after {run.step} steps in {train_ms / 1000:.0f}s; submission {artifact_bytes + code_bytes:,} "
+            f"bytes (artifact {artifact_bytes:,} + code {code_bytes:,}) of {hp.artifact_budget_bytes:,}")
+    if run.runtime.distributed:
         dist.barrier()  # no rank leaves while rank 0 still writes
 
 
+# =============================================================================
+# MAIN
+# =============================================================================
+
+
 def main() -> int:
+    """The recipe. Settings and runtime; then a training run (set-up, the loop, the final weights,
+    GPTQ calibration, export, the roundtrip evaluation of the artifact alone, the summary) or,
+    with EVAL_ONLY=1, the evaluation of an existing artifact. Returns the exit status."""
     try:
         hp = load_hyperparameters()
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -3917,13 +4131,15 @@ def main() -> int:
             if hp.eval_only:
                 run_eval_only(hp, runtime)
             else:
-                train(hp, runtime, grad_accum_steps)
+                run = start_run(hp, runtime, grad_accum_steps)  # log, data, model, compile priming, resume
+                run_training_loop(run)  # until ITERATIONS, the wall-clock cap or a signal
+                final_val_bpb = score_final_weights(run)  # SWA / EMA weights in, scored before quantisation
+                hessians = calibrate_and_log(run)  # QUANT=gptq: Hessians from training data
+                blob = export_and_share(run, hessians)  # rank 0 writes the artifact, every rank reads it
+                result = evaluate_roundtrip(run, blob, final_val_bpb)  # the artifact alone (and TTT)
+                finish_run(run, result, final_val_bpb, len(blob))  # timing, summary, the final line
         finally:
-            if runtime.distributed and dist.is_initialized():
-                # DDP's reducer holds the process group: free it while Python is fully alive, or
-                # gloo's threads may abort the process during interpreter shutdown.
-                gc.collect()
-                dist.destroy_process_group()
+            shut_down_processes(runtime)
     except (ConfigError, RunFailure, RunInterrupted) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             prefix = "stopped" if isinstance(error, RunInterrupted) else "error"

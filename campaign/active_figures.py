@@ -4,7 +4,6 @@ does not draw, from the committed summaries and effects.json alone:
 - active/dose/dose_response.png: each arm's paired difference against vanilla (95% CI) as a
   function of the JEPA gradient share it actually had (the mean over its runs of
   mean_jepa_grad_share), for the annealed share sweep, constant strength and VICReg with a path;
-  the modes at their default weights (active/pull) beside them;
 - active/dose/share_trajectories.png: the measured share over training for each share arm
   (seed 1), which shows the ramp, the controller and the anneal.
 
@@ -27,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 CAMPAIGN = Path(__file__).resolve().parent
 ACTIVE = CAMPAIGN / "active"
 SAVE_DPI = 110
-# Arm families of the dose stage, by name; the pull stage's arms are the modes themselves.
+# Arm families of the dose stage, by name.
 FAMILIES = (
     ("share sweep (ramp and anneal on)", re.compile(r"^share(?P<share>[0-9.]+)$"), "tab:blue", "o"),
     ("constant strength (no ramp, no anneal)", re.compile(r"^const(?P<share>[0-9.]+)$"), "tab:orange", "s"),
@@ -61,16 +60,12 @@ def effect_points(stage: Path, tag: str) -> list[tuple[str, float, float, float,
 
 
 def draw_points(axis: Any, points: list[tuple[str, float, float, float, float]], label: str, color: str,
-                marker: str, annotate: bool = False) -> None:
+                marker: str) -> None:
     points = sorted(points, key=lambda point: point[1])
     shares = [point[1] for point in points]
     differences = [point[2] for point in points]
     errors = [[point[2] - point[3] for point in points], [point[4] - point[2] for point in points]]
-    axis.errorbar(shares, differences, yerr=errors, marker=marker, color=color, capsize=3, label=label,
-                  linestyle="-" if not annotate else "none")
-    if annotate:
-        for arm, share, difference, _, _ in points:
-            axis.annotate(arm, (share, difference), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.errorbar(shares, differences, yerr=errors, marker=marker, color=color, capsize=3, label=label)
 
 
 def dose_response(path: Path) -> None:
@@ -81,10 +76,6 @@ def dose_response(path: Path) -> None:
         family = [point for point in points if pattern.match(point[0])]
         if family:
             draw_points(axis, family, label, color, marker)
-    pull = ACTIVE / "pull"
-    if (pull / "effects.json").is_file():
-        draw_points(axis, effect_points(pull, "pull"), "modes at their default weight (pull stage)", "0.4", "D",
-                    annotate=True)
     axis.axhline(0.0, color="black", linewidth=0.8)
     axis.set_xscale("log")
     axis.set_xlabel("measured JEPA gradient share ||g_JEPA|| / ||g_CE|| (mean over log steps and seeds)")

@@ -4,7 +4,7 @@
 # measured JEPA where its term was ~1% of the backbone's gradient; here its strength is set by that
 # share (JEPA_GRAD_SHARE), which every train line and summary reports (jepa_grad_share).
 #
-#   bash campaign/run_active.sh dose            # or pull, datacurve, all
+#   bash campaign/run_active.sh dose            # or pull, compute, datacurve, all
 #   bash campaign/run_active.sh dose --no-run   # the tables again from the committed summaries
 #   CAMPAIGN_OUT=/tmp/check bash campaign/run_active.sh dose --no-run
 #
@@ -49,22 +49,45 @@ run_dose() {
     --out "$out"/dose --keep-going "${extra[@]}"
 }
 
-# The pull of each mode at its default weight, per step: next, span and chunk as the tiny preset
-# sets them (JEPA_WEIGHT=0.1, EMA target 0.99), nextlat at the paper's weight 1 and stp at 0.02
-# (inside the paper's 0.005-0.04), against vanilla.
+# The pull of the first campaign's modes at their default weight, per step: next, span and chunk
+# as the tiny preset sets them (JEPA_WEIGHT=0.1, EMA target 0.99). A measurement of the share
+# they exert, so next is the baseline (stage b measures nextlat and stp against vanilla).
 pull_arms=(
-  --arm vanilla:"JEPA_WEIGHT=0"
   --arm next:"JEPA_MODE=next"
   --arm span:"JEPA_MODE=span"
   --arm chunk:"JEPA_MODE=chunk"
-  --arm nextlat:"JEPA_MODE=nextlat JEPA_WEIGHT=1"
-  --arm stp:"JEPA_MODE=stp JEPA_WEIGHT=0.02"
 )
 
 run_pull() {
-  python3 scripts/ab.py "${pull_arms[@]}" --seeds 1,2,3 --budget steps \
+  python3 scripts/ab.py "${pull_arms[@]}" --baseline next --seeds 1,2,3 --budget steps \
     --env "$common ITERATIONS=100 LOG_DIR=campaign/active/pull/logs" \
     --out "$out"/pull --keep-going "${extra[@]}"
+}
+
+# Stage b: equal compute (--budget compute), 8 new seeds. The rule, fixed before stage a ran: the
+# two JEPA arms of stage a with the lowest mean paired difference against vanilla (read from its
+# effects.json, whatever they are), nextlat at the paper's weight 1 and stp at 0.02 (inside the
+# paper's 0.005-0.04), against vanilla. Step times measured in one process, 3 steps x 20 rounds.
+best_dose_arms() {
+  python3 - "$out/dose/effects.json" <<'PYEOF'
+import json, sys
+effects = json.load(open(sys.argv[1]))
+for arm in sorted(effects["arms"], key=lambda arm: arm["difference"])[:2]:
+    print(f"{arm['arm']}:{arm['settings']}")
+PYEOF
+}
+
+run_compute() {
+  local dose_choice arms
+  mapfile -t dose_choice < <(best_dose_arms)
+  (( ${#dose_choice[@]} == 2 )) || { echo "stage b needs stage a's effects.json (run: $0 dose)" >&2; exit 1; }
+  arms=(--arm vanilla:"JEPA_WEIGHT=0")
+  for arm in "${dose_choice[@]}"; do arms+=(--arm "$arm"); done
+  arms+=(--arm nextlat:"JEPA_MODE=nextlat JEPA_WEIGHT=1" --arm stp:"JEPA_MODE=stp JEPA_WEIGHT=0.02")
+  python3 scripts/ab.py "${arms[@]}" --seeds 11,12,13,14,15,16,17,18 --budget compute \
+    --calibration-steps 3 --calibration-rounds 20 \
+    --env "$common ITERATIONS=100 LOG_DIR=campaign/active/compute/logs" \
+    --out "$out"/compute --keep-going "${extra[@]}"
 }
 
 # Stage c0: the data-limited regime's vanilla curve (one run, validated every 20 steps): the first
@@ -82,9 +105,10 @@ main() {
   case "$stage" in
     dose) run_dose ;;
     pull) run_pull ;;
+    compute) run_compute ;;
     datacurve) run_datacurve ;;
-    all) run_dose; run_pull; run_datacurve ;;
-    *) echo "usage: $0 dose|pull|datacurve|all [ab.py options]" >&2; exit 2 ;;
+    all) run_dose; run_pull; run_compute; run_datacurve ;;
+    *) echo "usage: $0 dose|pull|compute|datacurve|all [ab.py options]" >&2; exit 2 ;;
   esac
 }
 

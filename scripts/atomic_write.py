@@ -1,6 +1,6 @@
 """The one atomic-write helper of the tools (scripts/ and data/build_local_corpus.py).
 
-The trainer has its own `write_atomically`, the same idea, because a record folder ships
+The trainer has its own `atomic_output` (and `write_atomically` over it), the same idea, because a record folder ships
 train_gpt.py alone and it cannot import from here.
 """
 

@@ -133,7 +133,7 @@ def measure_pull_cost(environ: dict[str, str], steps: int, rounds: int, warmup: 
         runtime.synchronize()
         return 1000.0 * (time.perf_counter() - started), result
 
-    def log_step(step_index: int) -> dict:
+    def log_step(step_index: int) -> trainer_module.StepOutcome:
         outcome = trainer.step(step_index, lambda: 0.0)
         trainer.read_metrics()
         trainer.jepa_diagnostics()

@@ -24,6 +24,7 @@ STAGES = {
     ("run_campaign.sh", "byte"): ["byte_level"],
     ("run_active.sh", "dose"): ["active/dose"],
     ("run_active.sh", "pull"): ["active/pull"],
+    ("run_active.sh", "compute"): ["active/compute"],
 }
 # Lines that name when and from where the table was written, and the runs' outcome column
 # (ran there, reused here): everything else must be equal.

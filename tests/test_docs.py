@@ -205,3 +205,19 @@ def test_no_committed_result_under_campaign_is_git_ignored(git_checkout):
     assert not [path for path in ignored if path.endswith((".txt", ".json", ".log", ".md", ".png"))]
     assert not git_lines("ls-files", "--cached", "--ignored", "--exclude-standard", "--",
                          "campaign/ab", "campaign/bench")
+
+
+def test_the_reading_guide_names_the_trainers_banners_in_their_order():
+    """The reading guide lists the section banners as the trainer has them, in pipeline order, and
+    every function or class it sends a reader to exists."""
+    trainer = (REPO_ROOT / "train_gpt_jepa.py").read_text()
+    banners = re.findall(r"^# =+\n# ([A-Z][A-Z -]+?)(?::|\n)", trainer, flags=re.MULTILINE)
+    guide = README.read_text().split("## Reading train_gpt_jepa.py", 1)[1].split("\n## ", 1)[0]
+    listed = re.search(r"banners \(`# ====` lines\) split it into parts that can be read alone:\n(.*?)\. A first",
+                       guide, flags=re.DOTALL)
+    assert listed, "the reading guide no longer lists the banners"
+    assert [name.strip() for name in re.findall(r"`([A-Z][A-Z -]+)`", listed.group(1))] == banners
+    for name in re.findall(r"`(?:[A-Za-z]+\.)?([a-z_]+|[A-Z][A-Za-z]+)`", guide):
+        if name.isupper():
+            continue
+        assert re.search(rf"^\s*(?:def|class) {name}\b|^{name} = ", trainer, flags=re.MULTILINE), name

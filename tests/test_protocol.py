@@ -64,7 +64,7 @@ def test_a_jepa_step_computes_no_diagnostics(tiny_dataset, monkeypatch):
     original_rows = T.JepaHead._rows
     monkeypatch.setattr(T.JepaHead, "_rows", staticmethod(lambda latents: rows.append(1) or original_rows(latents)))
     outcome = trainer.step(0, lambda: 0.0, jepa_weight=0.5)
-    assert outcome["jepa_weight"] == 0.5
+    assert outcome.jepa_weight == 0.5
     # The regularised side only, once per micro-step: the other side is never even assembled.
     assert calls == ["reg"] * trainer.grad_accum_steps and len(rows) == trainer.grad_accum_steps
     metrics = trainer.read_metrics()
@@ -141,7 +141,7 @@ def test_priming_compiles_every_path_and_nothing_compiles_after_training_starts(
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), initial))  # undone
     weights = []
     for step in range(3):
-        weights.append(trainer.step(step, lambda: 0.0)["jepa_weight"])
+        weights.append(trainer.step(step, lambda: 0.0).jepa_weight)
         if step == 1:
             trainer.jepa_diagnostics()  # a log step's diagnostics run the plain modules
     assert weights[0] == 0.0 and weights[1] > 0.0

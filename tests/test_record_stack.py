@@ -224,7 +224,7 @@ def test_swa_exports_the_mean_of_its_snapshots(tiny_dataset):
     snapshots = []
     for step in range(12):
         outcome = trainer.step(step, lambda: 0.0)
-        if (step + 1) % 3 == 0 and outcome["lr_multiplier"] < 0.5:
+        if (step + 1) % 3 == 0 and outcome.lr_multiplier < 0.5:
             snapshots.append([p.detach().clone() for p in trainer.model.parameters()])
     assert len(snapshots) == 2 and trainer.swa_count == 2  # steps 9 and 12: multipliers 0.4 and 0.1
     label, weights = trainer.final_weights()
@@ -240,7 +240,7 @@ def test_swa_averages_the_ema_snapshots_when_the_final_ema_is_on_and_skips_the_l
     for step in range(12):
         outcome = trainer.step(step, lambda: 0.0)
         if step == 2:  # the LR warmup's multiplier (0.33) is below SWA_START_LR, the warmdown's is not
-            assert outcome["lr_multiplier"] < 0.5 and trainer.swa_count == 0
+            assert outcome.lr_multiplier < 0.5 and trainer.swa_count == 0
         if (step + 1) % 3 == 0 and trainer.schedule.warmdown(step, 0.0) < 0.5:
             snapshots.append([tensor.clone() for tensor in trainer.final_ema])
     label, weights = trainer.final_weights()
@@ -365,7 +365,7 @@ def test_compiled_bf16_priming_covers_every_phase_of_the_frontier_switches(tiny_
     assert trainer.phase == (False, False) and not trainer.model.looping
     phases, weights = [], []
     for step in range(6):
-        weights.append(trainer.step(step, lambda: 0.0)["jepa_weight"])
+        weights.append(trainer.step(step, lambda: 0.0).jepa_weight)
         phases.append(trainer.phase)
     assert phases == [(False, False)] * 3 + [(True, True)] * 3
     assert weights[0] == 0.0 and all(weight > 0 for weight in weights[1:])

@@ -100,6 +100,23 @@ def test_resume_auto_needs_a_run_id(tmp_path, tiny_dataset):
 # ---------------------------------------------------------------------------
 
 
+def test_the_trainers_one_atomic_write_keeps_the_old_file_when_a_writer_fails(tmp_path):
+    """atomic_output is how the trainer writes every file (artifact, checkpoint, summary, float
+    weights): a writer that fails midway leaves the previous file whole and no temporary behind."""
+    target = tmp_path / "deep" / "step_000001.pt"
+    with T.atomic_output(target) as handle:
+        torch.save({"step": 1}, handle)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    with pytest.raises(RuntimeError, match="disk went away"):
+        with T.atomic_output(target) as handle:
+            handle.write(b"half a checkpoint")
+            raise RuntimeError("disk went away")
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert sorted(path.name for path in target.parent.iterdir()) == ["step_000001.pt"]
+    T.write_atomically(target, b"bytes")
+    assert target.read_bytes() == b"bytes" and len(list(target.parent.iterdir())) == 1
+
+
 def test_a_nan_stops_cleanly_with_a_checkpoint_and_no_artifact(tmp_path, tiny_dataset):
     result = run_trainer(tmp_path, tiny_dataset, RUN_ID="nan", ITERATIONS=8, DEBUG_NAN_STEP=3,
                          CHECKPOINT_DIR=tmp_path / "checkpoints")

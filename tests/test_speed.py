@@ -47,4 +47,4 @@ def test_a_step_has_one_agreed_sync_and_schedules_use_the_agreed_time(tiny_datas
     outcome = trainer.step(1, lambda: next(readings))
     assert trainer.agreed_elapsed_ms == 99_000.0
     # The warmdown of step 1 uses 99 s of 100 s: time-based remaining fraction, far below 1.
-    assert outcome["lr_multiplier"] < 0.05
+    assert outcome.lr_multiplier < 0.05

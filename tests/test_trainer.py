@@ -4,7 +4,9 @@ the single- vs multi-process equivalence (GUIDE sections 3, 4, 5, 9)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +279,28 @@ def test_unknown_variables_of_other_tools_are_not_typos():
                          "CUDA_VISIBLE_DEVICES": "0", "HOSTNAME": "box", "OFFICIAL_TOKENIZER_PATH": "x"})
     with pytest.raises(T.ConfigError, match="VICREG_VAR_WEIGTH"):
         T.check_unknown_env({"VICREG_VAR_WEIGTH": "1"})
+
+
+@pytest.mark.parametrize("name", [name for name in T.CHOICES if name != "preset"])
+def test_every_choice_setting_accepts_its_values_and_refuses_any_other(tiny_dataset, name):
+    """CHOICES is the one list of a setting's values: validation accepts each of them (the defaults of
+    the other settings otherwise) and refuses anything else with one line that names the variable and
+    lists them."""
+    unknown = 7 if isinstance(next(iter(T.CHOICES[name])), int) else "nonsense"
+    with pytest.raises(T.ConfigError, match=re.escape(f"{name.upper()}={unknown!r} must be")) as refused:
+        T.validate_hyperparameters(tiny_hyperparameters(tiny_dataset, **{name.upper(): unknown}), world_size=1)
+    assert all(str(value) in str(refused.value) for value in T.CHOICES[name])
+    for value in T.CHOICES[name]:
+        if name == "compressor" and value != "lzma" and importlib.util.find_spec(T.COMPRESSOR_PACKAGES[value]) is None:
+            continue  # a compressor whose package is missing is refused for that reason (test_export_ttt.py)
+        T.validate_hyperparameters(tiny_hyperparameters(tiny_dataset, **{name.upper(): value}), world_size=1)
+
+
+def test_choices_cover_the_defaults_and_the_tables_keyed_by_them():
+    defaults = T.Hyperparameters()
+    assert all(getattr(defaults, name) in values for name, values in T.CHOICES.items())
+    assert list(T.CHOICES["preset"]) == list(T.PRESETS)  # PRESET is checked when the settings load
+    assert set(T.CHOICES["compressor"]) == set(T.COMPRESSORS)  # the artifact's compressor ids
+    assert set(T.CHOICES["muon_ns"]) == set(T.NEWTON_SCHULZ_KINDS)
+    with pytest.raises(T.ConfigError, match=re.escape("PRESET='huge' is unknown: use one of tiny, 11L, frontier, 20L")):
+        T.load_hyperparameters({"PRESET": "huge"})
