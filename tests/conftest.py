@@ -33,6 +33,8 @@ AB_RUN_MODULES = ("test_ab", "test_make_record")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        use_session_inductor_cache(config)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # One torch thread per worker (the trainer subprocesses already get OMP_NUM_THREADS=1):
         # two workers of two threads each on two cores spin against each other.
@@ -41,6 +43,31 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def use_session_inductor_cache(config: pytest.Config) -> None:
+    """One inductor cache for every compiled run of the session, in-process or in a subprocess, on
+    either worker (they inherit the environment of the process that starts them), new in every
+    session and removed after it. A later run reuses the kernels an earlier one compiled in this
+    session (the backbone's, the evaluation's) but still traces and lowers each of its own graphs,
+    which is where graph breaks and dtype errors arise; nothing is served from an old session."""
+    import shutil
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="test_inductor_cache_")
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+
+    def remove_cache() -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+    config.add_cleanup(remove_cache)
+
+
+# First: pytest-xdist's own hook (on each worker) reads these markers to name the groups.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem

@@ -13,9 +13,8 @@ from test_trainer import run_trainer
 def test_compiled_bf16_span_run_with_ema_target_and_grad_localisation(tmp_path, tiny_dataset):
     # Span mode exercises the most graph: the 2B-row online pass with the mask embedding, the
     # EMA target encoder stopping at JEPA_LAYER, JEPA_GRAD_LAYERS's recomputation, SIGReg.
-    # A private inductor cache: the compilation is really exercised, never served from an old run.
+    # The session's inductor cache (tests/conftest.py): new in every session, never an old run's.
     result = run_trainer(tmp_path, tiny_dataset, timeout=480, RUN_ID="compiled", COMPILE=1, COMPUTE_DTYPE="bfloat16",
-                         TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor_cache",
                          JEPA_MODE="span", TARGET_EMA_DECAY=0.9, JEPA_GRAD_LAYERS=2, ANTI_COLLAPSE="sigreg",
                          NUM_LAYERS=2, XSA_LAST_N=1, ITERATIONS=3, WARMUP_STEPS=1, TRAIN_BATCH_TOKENS=1024,
                          QAT_START_FRACTION=0,  # late QAT's compiled phases: tests/test_record_stack.py

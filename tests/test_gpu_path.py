@@ -5,7 +5,8 @@ CUDA runs compile by default (COMPILE=-1) and autocast to bf16; CI has no GPU, s
 tests the first sight of a graph break (an error under fullgraph), a dtype mix under autocast, a
 compiled graph that stops seeing its parameters or a gradient that skips DDP's all-reduce would be
 on a rented 8xH100. tests/test_compile.py covers span mode; this file covers the other graphs.
-Budget: about 4 minutes on 2 CPU cores, nearly all of it inductor compiling (caches start empty).
+Nearly all of its time is inductor compiling, in the session's inductor cache (tests/conftest.py),
+which starts empty in every session.
 """
 
 from __future__ import annotations
@@ -66,25 +67,15 @@ def run_merged(tmp_path: Path, dataset: dict[str, Path], timeout: int,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One inductor cache for the compiled runs of this module, new in every session: the first
-    run compiles everything cold; the next one reuses the kernels it shares with it (the same
-    backbone's vanilla-path and evaluation graphs, identical block kernels), about half its compile
-    time, and still traces, partitions and lowers each of its own JEPA graphs, which is where graph
-    breaks and dtype errors arise. Never an old run's cache: nothing is served from a stale build."""
-    return tmp_path_factory.mktemp("inductor_cache")
-
-
 @pytest.mark.parametrize("name", list(COMPILED_RUNS))
-def test_compiled_bf16_jepa_graphs(tmp_path, tiny_dataset, inductor_cache, name):
+def test_compiled_bf16_jepa_graphs(tmp_path, tiny_dataset, name):
     """Guards against: a graph break (fatal under fullgraph=True) or a dtype mismatch under bf16
     autocast in a JEPA path only a GPU run compiles; a compiled JEPA loss that comes out zero,
     NaN or constant; and any compilation once the training clock runs (a recompile on the GPU
     costs seconds of the 600 s budget: compile priming must have met every graph)."""
     options = COMPILED_RUNS[name]
     result = run_merged(tmp_path, tiny_dataset, timeout=480, RUN_ID="compiled", COMPILE=1, COMPUTE_DTYPE="bfloat16",
-                        TORCHINDUCTOR_CACHE_DIR=inductor_cache, TORCH_LOGS="dynamo",
+                        TORCH_LOGS="dynamo",
                         **TINY_COMPILED, **options)
     output = result.stdout
     assert result.returncode == 0, output[-6000:]
@@ -140,9 +131,9 @@ def test_compiled_two_process_ddp_matches_uncompiled(tmp_path, tiny_dataset):
                   COMPUTE_DTYPE="float32", NUM_LAYERS=2, XSA_LAST_N=0, VE_DIM=0, BIGRAM_VOCAB_SIZE=0,
                   ITERATIONS=4, WARMUP_STEPS=1, TRAIN_BATCH_TOKENS=2048, GRAD_ACCUM_STEPS=2,
                   QAT_START_FRACTION=0, VAL_MAX_TOKENS=1024, EVAL_STRIDE=0)
-    # A private inductor cache: the compilation is really exercised, never served from an old run.
+    # The session's inductor cache (tests/conftest.py): new in every session, never an old run's.
     compiled = run_trainer(tmp_path / "compiled", tiny_dataset, nproc=2, timeout=480, RUN_ID="compiled", COMPILE=1,
-                           TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor_cache", **common)
+                           **common)
     assert compiled.returncode == 0, (compiled.stdout[-2000:], compiled.stderr[-4000:])
     eager = run_trainer(tmp_path / "eager", tiny_dataset, nproc=2, timeout=300, RUN_ID="eager", COMPILE=0, **common)
     assert eager.returncode == 0, (eager.stdout[-2000:], eager.stderr[-4000:])

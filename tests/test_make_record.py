@@ -134,8 +134,8 @@ def test_compiled_bf16_runs_agree_between_trainer_and_record_file(tiny_dataset, 
                 "COMPILE": "1", "COMPUTE_DTYPE": "bfloat16", "COMPRESSOR": "lzma", "GRAD_ACCUM_STEPS": "1"}
     source = (REPO_ROOT / "train_gpt_jepa.py").read_text(encoding="utf-8")
     (tmp_path / "train_gpt.py").write_text(make_record.wrap_source(make_record.strip_source(source, settings), "t"))
-    environment = {**environment_without_trainer_settings(), "SEED": "3", "OMP_NUM_THREADS": "1",
-                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    # The session's inductor cache (tests/conftest.py) comes with the environment.
+    environment = {**environment_without_trainer_settings(), "SEED": "3", "OMP_NUM_THREADS": "1"}
     outputs = []
     for script in (tmp_path / "train_gpt.py", REPO_ROOT / "train_gpt_jepa.py"):
         extra = {} if script.name == "train_gpt.py" else settings

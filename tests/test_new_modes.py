@@ -342,16 +342,10 @@ COMPILED_MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def inductor_cache(tmp_path_factory: pytest.TempPathFactory):
-    """One fresh inductor cache for both compiled runs: the second reuses the backbone's kernels."""
-    return tmp_path_factory.mktemp("inductor_cache_new_modes")
-
-
 @pytest.mark.parametrize("mode", list(COMPILED_MODES))
-def test_compiled_bf16_run_without_recompiling(tmp_path, tiny_dataset, inductor_cache, mode):
+def test_compiled_bf16_run_without_recompiling(tmp_path, tiny_dataset, mode):
     result = run_merged(tmp_path, tiny_dataset, timeout=480, RUN_ID="compiled", COMPILE=1, COMPUTE_DTYPE="bfloat16",
-                        TORCHINDUCTOR_CACHE_DIR=inductor_cache, TORCH_LOGS="dynamo",
+                        TORCH_LOGS="dynamo",
                         **TINY_COMPILED, **COMPILED_MODES[mode])
     output = result.stdout
     assert result.returncode == 0, output[-6000:]
