@@ -34,8 +34,8 @@ AB_RUN_MODULES = ("test_ab", "test_make_record")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        use_session_inductor_cache(config)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+        use_session_inductor_cache(config)  # the controller (or a run without xdist): workers inherit it
+    else:
         # One torch thread per worker (the trainer subprocesses already get OMP_NUM_THREADS=1):
         # two workers of two threads each on two cores spin against each other.
         import torch
