@@ -5,7 +5,9 @@ does not draw, from the committed summaries and effects.json alone:
   function of the JEPA gradient share it actually had (the mean over its runs of
   mean_jepa_grad_share), for the annealed share sweep, constant strength and VICReg with a path;
 - active/dose/share_trajectories.png: the measured share over training for each share arm
-  (seed 1), which shows the ramp, the controller and the anneal.
+  (seed 1), which shows the ramp, the controller and the anneal;
+- active/data_curve/data_curve.png: vanilla's validation curve when the first 32,768 training
+  tokens repeat (12.5 epochs in 100 steps) beside the same run on all the data.
 
     python3 campaign/active_figures.py
 """
@@ -112,11 +114,34 @@ def share_trajectories(path: Path) -> None:
     plt.close(figure)
 
 
+def data_curve(path: Path) -> None:
+    logs = ACTIVE / "data_curve" / "logs"
+    figure, axis = plt.subplots(figsize=(6.8, 4.0))
+    for name, label, color in (("limited", "the first 32,768 tokens, repeated (TRAIN_MAX_TOKENS)", "tab:red"),
+                               ("full", "all 677,590 training tokens (under one epoch)", "tab:blue")):
+        summary = json.loads((logs / f"curve_vanilla_{name}.json").read_text(encoding="utf-8"))
+        history = summary["val_history"]
+        epochs = f", {summary['train_epochs']:.1f} epochs" if "train_epochs" in summary else ""
+        axis.plot([entry["step"] for entry in history], [entry["val_bpb"] for entry in history], marker="o",
+                  markersize=3, color=color, label=f"{label}{epochs}")
+    axis.set_xlabel("step (4,096 tokens each)")
+    axis.set_ylabel("val_bpb (vanilla)")
+    axis.set_title(f"vanilla's validation curve, seed 1, trainer {summary['code_sha256'][:8]}, local corpus",
+                   fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=SAVE_DPI)
+    plt.close(figure)
+
+
 def main() -> None:
     if (ACTIVE / "dose" / "effects.json").is_file():
         for name, draw in (("dose_response.png", dose_response), ("share_trajectories.png", share_trajectories)):
             draw(ACTIVE / "dose" / name)
             print(f"wrote {ACTIVE / 'dose' / name}")
+    if (ACTIVE / "data_curve" / "logs" / "curve_vanilla_full.json").is_file():
+        data_curve(ACTIVE / "data_curve" / "data_curve.png")
+        print(f"wrote {ACTIVE / 'data_curve' / 'data_curve.png'}")
 
 
 if __name__ == "__main__":

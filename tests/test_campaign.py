@@ -25,6 +25,9 @@ STAGES = {
     ("run_active.sh", "dose"): ["active/dose"],
     ("run_active.sh", "pull"): ["active/pull"],
     ("run_active.sh", "compute"): ["active/compute"],
+    ("run_active.sh", "tune"): ["active/limited_tune"],
+    ("run_active.sh", "limited"): ["active/limited", "active/limited_tuned"],
+    ("run_active.sh", "long"): ["active/long"],
 }
 # Lines that name when and from where the table was written, and the runs' outcome column
 # (ran there, reused here): everything else must be equal.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAINER_PATH, trainer_env
+from conftest import SCALAR_KERNELS_ENVIRONMENT, TRAINER_PATH, trainer_env
 from test_trainer import run_trainer
 
 # The smallest run that still reaches every compiled graph: 2 blocks (JEPA_GRAD_LAYERS and an
@@ -130,7 +130,8 @@ def test_compiled_two_process_ddp_matches_uncompiled(tmp_path, tiny_dataset):
     common = dict(JEPA_MODE="next", JEPA_OFFSETS="1,2", TARGET_EMA_DECAY=0.9, JEPA_WEIGHT=0.2, ANTI_COLLAPSE="vicreg",
                   COMPUTE_DTYPE="float32", NUM_LAYERS=2, XSA_LAST_N=0, VE_DIM=0, BIGRAM_VOCAB_SIZE=0,
                   ITERATIONS=4, WARMUP_STEPS=1, TRAIN_BATCH_TOKENS=2048, GRAD_ACCUM_STEPS=2,
-                  QAT_START_FRACTION=0, VAL_MAX_TOKENS=1024, EVAL_STRIDE=0)
+                  QAT_START_FRACTION=0, VAL_MAX_TOKENS=1024, EVAL_STRIDE=0,
+                  **SCALAR_KERNELS_ENVIRONMENT)  # the eager run's kernels as the compiled run's
     # The session's inductor cache (tests/conftest.py): new in every session, never an old run's.
     compiled = run_trainer(tmp_path / "compiled", tiny_dataset, nproc=2, timeout=480, RUN_ID="compiled", COMPILE=1,
                            **common)

@@ -14,7 +14,7 @@ import sys
 import tokenize
 
 import pytest
-from conftest import REPO_ROOT, environment_without_trainer_settings
+from conftest import REPO_ROOT, SCALAR_KERNELS_ENVIRONMENT, environment_without_trainer_settings
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import make_record  # noqa: E402
@@ -135,7 +135,8 @@ def test_compiled_bf16_runs_agree_between_trainer_and_record_file(tiny_dataset, 
     source = (REPO_ROOT / "train_gpt_jepa.py").read_text(encoding="utf-8")
     (tmp_path / "train_gpt.py").write_text(make_record.wrap_source(make_record.strip_source(source, settings), "t"))
     # The session's inductor cache (tests/conftest.py) comes with the environment.
-    environment = {**environment_without_trainer_settings(), "SEED": "3", "OMP_NUM_THREADS": "1"}
+    environment = {**environment_without_trainer_settings(), **SCALAR_KERNELS_ENVIRONMENT, "SEED": "3",
+                   "OMP_NUM_THREADS": "1"}
     outputs = []
     for script in (tmp_path / "train_gpt.py", REPO_ROOT / "train_gpt_jepa.py"):
         extra = {} if script.name == "train_gpt.py" else settings
