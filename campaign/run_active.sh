@@ -71,18 +71,19 @@ run_pull() {
 # two JEPA arms of stage a with the lowest mean paired difference against vanilla (read from its
 # effects.json, whatever they are), nextlat at the paper's weight 1 and stp at 0.02 (inside the
 # paper's 0.005-0.04), against vanilla. Step times measured in one process, 3 steps x 20 rounds.
-best_dose_arms() {
-  python3 - "$committed/dose/effects.json" <<'PYEOF'
+# best_arms EFFECTS_JSON COUNT: the COUNT candidate arms with the lowest mean paired difference.
+best_arms() {
+  python3 - "$1" "$2" <<'PYEOF'
 import json, sys
 effects = json.load(open(sys.argv[1]))
-for arm in sorted(effects["arms"], key=lambda arm: arm["difference"])[:2]:
+for arm in sorted(effects["arms"], key=lambda arm: arm["difference"])[:int(sys.argv[2])]:
     print(f"{arm['arm']}:{arm['settings']}")
 PYEOF
 }
 
 run_compute() {
   local dose_choice arms
-  mapfile -t dose_choice < <(best_dose_arms)
+  mapfile -t dose_choice < <(best_arms "$committed/dose/effects.json" 2)
   (( ${#dose_choice[@]} == 2 )) || { echo "stage b needs stage a's effects.json (run: $0 dose)" >&2; exit 1; }
   arms=(--arm vanilla:"JEPA_WEIGHT=0")
   for arm in "${dose_choice[@]}"; do arms+=(--arm "$arm"); done
@@ -129,16 +130,7 @@ run_tune() {
 }
 
 # The rule, fixed before stage b ran: the JEPA arms of stage b with the lowest mean paired
-# difference against vanilla (read from its effects.json), how many the caller asks for.
-best_compute_arms() {
-  python3 - "$committed/compute/effects.json" "$1" <<'PYEOF'
-import json, sys
-effects = json.load(open(sys.argv[1]))
-for arm in sorted(effects["arms"], key=lambda arm: arm["difference"])[:int(sys.argv[2])]:
-    print(f"{arm['arm']}:{arm['settings']}")
-PYEOF
-}
-
+# difference against vanilla (best_arms on its effects.json).
 # The tuned schedule: the arm of c1 with the lowest mean roundtrip val_bpb (default included).
 tuned_schedule() {
   python3 - "$committed/limited_tune/plan.json" "$committed/limited_tune/logs" <<'PYEOF'
@@ -159,7 +151,7 @@ PYEOF
 # c3: vanilla and the best of them at the tuned schedule, the same 8 seeds.
 run_limited() {
   local choice arms schedule
-  mapfile -t choice < <(best_compute_arms 2)
+  mapfile -t choice < <(best_arms "$committed/compute/effects.json" 2)
   (( ${#choice[@]} == 2 )) || { echo "stage c needs stage b's effects.json (run: $0 compute)" >&2; exit 1; }
   [[ -f "$committed/limited_tune/plan.json" ]] || { echo "stage c needs the tuning (run: $0 tune)" >&2; exit 1; }
   arms=(--arm vanilla:"JEPA_WEIGHT=0")
@@ -177,7 +169,7 @@ run_limited() {
 # vanilla), equal compute, seeds 31-33: does its gap shrink or flip with a longer run?
 run_long() {
   local choice
-  mapfile -t choice < <(best_compute_arms 1)
+  mapfile -t choice < <(best_arms "$committed/compute/effects.json" 1)
   (( ${#choice[@]} == 1 )) || { echo "stage d needs stage b's effects.json (run: $0 compute)" >&2; exit 1; }
   python3 scripts/ab.py --arm vanilla:"JEPA_WEIGHT=0" --arm "${choice[0]}" --seeds 31,32,33 --budget compute \
     --calibration-steps 3 --calibration-rounds 20 \
